@@ -1,0 +1,98 @@
+"""LightningDataModule: a source (VOC folder, shapes, ...) + augmentation presets -> loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from detectors.data.dataset import DetectionDataset, collate_detection, seed_worker_transform
+from detectors.data.records import Source
+from detectors.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Builds train/val/test loaders over one source.
+
+    Args:
+        source: a dataset format object with ``classes``, ``records(split)``, ``load(record)``.
+        input_size: (H, W) the network sees.
+        augment: keyword arguments of ``build_transform`` for training (``preset`` = 'ssd', ...);
+            evaluation always uses the 'none' preset (resize only).
+        batch_size, num_workers: loader settings (eval loaders use ``eval_batch_size``).
+        on_bad_sample: 'skip' (count and warn) or 'raise'.
+        root, splits, classes: the source's settings, repeated here so users set them as
+            ``data.root=...``; ``classes``, when given, must equal the source's.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        root: str | None = None,
+        splits: Mapping[str, str] | None = None,
+        classes: Sequence[str] | None = None,
+        input_size: Sequence[int] = (300, 300),
+        augment: Mapping | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        on_bad_sample: str = "skip",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.source = source
+        if classes is not None and list(classes) != list(source.classes):
+            raise ValueError(f"data.classes {list(classes)} differ from the source's {source.classes}")
+        self.root = root
+        self.splits = dict(splits) if splits else None
+        self.input_size = tuple(int(s) for s in input_size)
+        self.augment = dict(augment or {"preset": "none"})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self._datasets: dict[str, DetectionDataset] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.source.classes)
+
+    def dataset(self, split: str) -> DetectionDataset:
+        if split not in self._datasets:
+            if split == "train":
+                transform = build_transform(size=self.input_size, seed=self.seed, **self.augment)
+            else:
+                transform = build_transform("none", size=self.input_size, seed=self.seed)
+            records = self.source.records(split)
+            log.info("%s split: %d images", split, len(records))
+            self._datasets[split] = DetectionDataset(self.source, records, transform, self.on_bad_sample)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=self.pin_memory,
+            drop_last=shuffle and len(self.dataset(split)) > batch_size,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_transform,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)

@@ -1,0 +1,109 @@
+"""A map-style dataset over records, and the collate that pads targets for batched assignment."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+
+from detectors.data.records import BadSampleError, Record, SkipCounter, Source
+
+log = logging.getLogger(__name__)
+
+
+class DetectionDataset(Dataset):
+    """Loads an image, applies the transform, returns ``(image (3, H, W) uint8, target dict)``.
+
+    The target holds ``boxes`` (N, 4) float32 xyxy in pixels of the transformed image,
+    ``labels`` (N,) int64, ``difficult`` (N,) bool, ``weights`` (N,) float32 (1 unless mixup),
+    ``image_id`` and ``orig_size`` (H0, W0) of the file, which evaluation maps predictions back to.
+
+    An unreadable sample returns None with ``on_bad_sample='skip'`` (the collate drops it and it is
+    counted), or raises with 'raise'.
+    """
+
+    def __init__(self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip"):
+        self.source = source
+        self.records = records
+        self.transform = transform
+        self.on_bad_sample = on_bad_sample
+        self.skips = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
+        record = self.records[index]
+        try:
+            image, record = self.source.load(record)
+        except BadSampleError as e:
+            if self.on_bad_sample == "raise":
+                raise
+            self.skips.skip(record.file, str(e))
+            return None
+        out = self.transform(image=image, bboxes=record.boxes, box_index=np.arange(len(record.boxes)))
+        keep = np.asarray(out["box_index"], dtype=np.int64)
+        boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(record.labels[keep]),
+            "difficult": torch.from_numpy(record.difficult[keep]),
+            "weights": torch.ones(len(keep)),
+            "image_id": record.image_id,
+            "orig_size": image.shape[:2],
+        }
+        return torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1), target
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give each worker's albumentations pipeline its own random stream.
+
+    Without it every worker starts from the same seed and they all augment identically.
+    torch seeds each worker differently (and anew at each epoch unless workers persist).
+    """
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, DetectionDataset):
+        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tensor]:
+    """Stack images and pad targets to the batch's largest box count.
+
+    Returns a dict of batch-first tensors (one host-to-device copy each):
+        images (B, 3, H, W) uint8 (normalised on the device),
+        boxes (B, M, 4) float32 xyxy, labels (B, M) int64 (-1 = padding), mask (B, M) bool,
+        difficult (B, M) bool, weights (B, M) float32 (0 = padding),
+        image_ids (B,) int64, orig_sizes (B, 2) int64 (H0, W0),
+        num_skipped () int64: samples of this batch dropped as unreadable.
+    """
+    samples = [s for s in batch if s is not None]
+    num_skipped = len(batch) - len(samples)
+    if not samples:
+        raise BadSampleError("every sample of a batch was unreadable; check the dataset with the warnings above")
+    images = torch.stack([s[0] for s in samples])
+    targets = [s[1] for s in samples]
+    size, max_boxes = len(targets), max(len(t["labels"]) for t in targets)
+    out = {
+        "images": images,
+        "boxes": torch.zeros(size, max_boxes, 4),
+        "labels": torch.full((size, max_boxes), -1, dtype=torch.long),
+        "mask": torch.zeros(size, max_boxes, dtype=torch.bool),
+        "difficult": torch.zeros(size, max_boxes, dtype=torch.bool),
+        "weights": torch.zeros(size, max_boxes),
+        "image_ids": torch.tensor([t["image_id"] for t in targets], dtype=torch.long),
+        "orig_sizes": torch.tensor([t["orig_size"] for t in targets], dtype=torch.long),
+        "num_skipped": torch.tensor(num_skipped),
+    }
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        out["boxes"][i, :n] = t["boxes"]
+        out["labels"][i, :n] = t["labels"]
+        out["mask"][i, :n] = True
+        out["difficult"][i, :n] = t["difficult"]
+        out["weights"][i, :n] = t["weights"]
+    return out

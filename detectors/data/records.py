@@ -1,0 +1,93 @@
+"""One record per image: what every dataset format is read into.
+
+A *source* (VOC folder, COCO json, the built-in shapes) turns files into records and loads
+their images; everything downstream (transforms, collate, the module, evaluation) sees only
+records, so every head works with every format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Record:
+    """Annotations of one image.
+
+    boxes: (N, 4) float32 xyxy in absolute pixels of the original image.
+    labels: (N,) int64 in 0..C-1.
+    difficult: (N,) bool; kept for evaluation (VOC ignores them), never trained on as negatives.
+    """
+
+    image_id: int
+    file: str  # path of the image, or a name for generated images
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if self.difficult is None:
+            self.difficult = np.zeros(len(self.labels), dtype=bool)
+        self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
+
+
+class Source(Protocol):
+    """What a dataset format provides to the data module."""
+
+    classes: list[str]
+
+    def records(self, split: str) -> list[Record]: ...
+
+    def load(self, record: Record) -> tuple[np.ndarray, Record]:
+        """The image, (H, W, 3) uint8 RGB, and its record (a generated source fills in the boxes here)."""
+        ...
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used (unreadable image, malformed annotation)."""
+
+
+class SkipCounter:
+    """Counts skipped samples and boxes by reason, and logs each one once on one line."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, where: str, reason: str) -> None:
+        self.counts[reason] += 1
+        log.warning("skipped %s: %s", where, reason)
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "nothing skipped"
+
+
+def clean_boxes(record: Record, skips: SkipCounter, min_size: float = 1.0) -> Record:
+    """Clip boxes to the image and drop degenerate ones (x2 <= x1, y2 <= y1, or under min_size px).
+
+    Real datasets carry such boxes (BCCD has two with x2 <= x1); one reaching the loss gives
+    log(0) in the box encoding, so they are dropped here, each with a one-line warning.
+    """
+    boxes = record.boxes.copy()
+    if len(boxes):
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, record.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, record.height)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    keep = (w >= min_size) & (h >= min_size)
+    for i in np.flatnonzero(~keep):
+        skips.skip(f"box {record.boxes[i].tolist()} in {record.file}", "degenerate box (x2<=x1 or y2<=y1 after clipping)")
+    record.boxes, record.labels, record.difficult = boxes[keep], record.labels[keep], record.difficult[keep]
+    return record

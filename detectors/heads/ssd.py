@@ -1,0 +1,162 @@
+"""SSD head (Liu et al. 2016): per-level 3x3 conv predictors, bipartite + threshold matching,
+smooth L1 + softmax cross-entropy with hard negative mining, softmax + per-class NMS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from detectors.anchors import SSDPriors
+from detectors.assign import gather_gt, match_priors
+from detectors.boxes import SSDBoxCoder, clip_boxes
+from detectors.losses import hard_negative_mask
+
+
+@dataclass
+class SSDRaw:
+    """Raw SSD outputs. cls_logits (B, A, C + 1) with background at index 0; box_offsets (B, A, 4)
+    encoded against the priors; feature_shapes (h, w) per level, from which the priors are made."""
+
+    cls_logits: Tensor
+    box_offsets: Tensor
+    feature_shapes: list[tuple[int, int]]
+
+
+class SSDHead(nn.Module):
+    """Predictors, loss and decoding of SSD.
+
+    Args:
+        in_channels: channels of each feature map from the neck.
+        num_classes: foreground classes C (labels 0..C-1); the head adds the background itself.
+        priors: the prior generator (its levels must match the feature maps).
+        variances: box encoding variances (0.1, 0.2).
+        iou_threshold: matching threshold (0.5).
+        neg_pos_ratio: hard negatives per positive (3).
+        min_negatives: negatives mined in an image even without objects (SSD: 0).
+        score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (0.01, 0.45, 200,
+            and 400 candidates per class and image before NMS, as torchvision's SSD).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        priors: SSDPriors | None = None,
+        variances: Sequence[float] = (0.1, 0.2),
+        iou_threshold: float = 0.5,
+        neg_pos_ratio: float = 3.0,
+        min_negatives: int = 0,
+        score_threshold: float = 0.01,
+        nms_threshold: float = 0.45,
+        max_detections: int = 200,
+        pre_nms_top_k: int = 400,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.priors = priors or SSDPriors()
+        self.coder = SSDBoxCoder(tuple(variances))
+        self.iou_threshold = iou_threshold
+        self.neg_pos_ratio = neg_pos_ratio
+        self.min_negatives = min_negatives
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+        self.pre_nms_top_k = pre_nms_top_k
+        per_cell = self.priors.num_priors_per_cell
+        if len(per_cell) != len(in_channels):
+            raise ValueError(f"SSDHead has {len(in_channels)} input levels but the priors define {len(per_cell)}")
+        self.cls_convs = nn.ModuleList(
+            nn.Conv2d(c, p * (num_classes + 1), 3, padding=1) for c, p in zip(in_channels, per_cell)
+        )
+        self.box_convs = nn.ModuleList(nn.Conv2d(c, p * 4, 3, padding=1) for c, p in zip(in_channels, per_cell))
+        for conv in [*self.cls_convs, *self.box_convs]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: list[Tensor]) -> SSDRaw:
+        """feats: [(B, C_k, h_k, w_k)] -> SSDRaw with A = sum_k h_k w_k P_k priors."""
+        batch = feats[0].shape[0]
+        cls, box = [], []
+        for f, cls_conv, box_conv in zip(feats, self.cls_convs, self.box_convs):
+            # (B, P*K, h, w) -> (B, h, w, P*K) -> (B, h*w*P, K): the priors' order
+            cls.append(cls_conv(f).permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes + 1))
+            box.append(box_conv(f).permute(0, 2, 3, 1).reshape(batch, -1, 4))
+        return SSDRaw(torch.cat(cls, 1), torch.cat(box, 1), [tuple(f.shape[-2:]) for f in feats])
+
+    def make_priors(self, raw: SSDRaw, image_size: tuple[int, int]) -> Tensor:
+        return self.priors(raw.feature_shapes, image_size, raw.box_offsets.device)
+
+    def loss(self, raw: SSDRaw, targets: dict[str, Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
+        """SSD multibox loss over the batch, normalised by the number of positives.
+
+        targets: padded batch tensors from ``collate_detection``: boxes (B, M, 4), labels (B, M),
+        mask (B, M), weights (B, M), optional difficult (B, M): priors matched to a difficult
+        object are ignored (neither positive nor mined as negative), as VOC training does.
+        Returns {'loss', 'loss_cls', 'loss_box', 'num_positives'}. No host sync inside.
+        """
+        priors = self.make_priors(raw, image_size)
+        match = match_priors(priors, targets["boxes"], targets["mask"], self.iou_threshold)
+        positive = match.positive
+        ignore = torch.zeros_like(positive)
+        if "difficult" in targets:
+            ignore = positive & gather_gt(targets["difficult"], match.gt_index)
+            positive = positive & ~ignore
+        labels = torch.where(positive, gather_gt(targets["labels"], match.gt_index) + 1, 0)
+        pos_weight = positive * gather_gt(targets["weights"].float(), match.gt_index)
+
+        logits = raw.cls_logits.float()
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
+        negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
+        num_pos = positive.sum().clamp(min=1).float()
+        loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
+
+        encoded = self.coder.encode(gather_gt(targets["boxes"], match.gt_index), priors)
+        box_l1 = F.smooth_l1_loss(raw.box_offsets.float(), encoded, beta=1.0, reduction="none").sum(-1)
+        loss_box = (box_l1 * pos_weight).sum() / num_pos
+        return {"loss": loss_cls + loss_box, "loss_cls": loss_cls, "loss_box": loss_box, "num_positives": num_pos}
+
+    @torch.no_grad()
+    def predict(self, raw: SSDRaw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """Decode, keep the top ``pre_nms_top_k`` per class and image above ``score_threshold``,
+        per-class NMS over the whole batch in one call, then the best ``max_detections`` per image.
+
+        Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
+        """
+        priors = self.make_priors(raw, image_size)
+        batch, num_priors, _ = raw.box_offsets.shape
+        classes = self.num_classes
+        scores = raw.cls_logits.float().softmax(-1)[..., 1:]  # (B, A, C)
+        boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
+
+        k = min(self.pre_nms_top_k, num_priors)
+        top_scores, top_idx = scores.transpose(1, 2).topk(k, dim=2)  # (B, C, k)
+        top_boxes = boxes.gather(1, top_idx.reshape(batch, -1, 1).expand(-1, -1, 4)).view(batch, classes, k, 4)
+        image_idx = torch.arange(batch, device=boxes.device).view(-1, 1, 1).expand_as(top_scores)
+        class_idx = torch.arange(classes, device=boxes.device).view(1, -1, 1).expand_as(top_scores)
+
+        keep = top_scores > self.score_threshold
+        cand_scores, cand_boxes = top_scores[keep], top_boxes[keep]
+        cand_images, cand_classes = image_idx[keep], class_idx[keep]
+        kept = batched_nms(cand_boxes, cand_scores, cand_images * classes + cand_classes, self.nms_threshold)
+
+        # kept is in descending score order; a stable sort by image keeps that order inside each image
+        kept = kept[torch.sort(cand_images[kept], stable=True).indices]
+        images_of_kept = cand_images[kept]
+        counts = torch.bincount(images_of_kept, minlength=batch)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(kept), device=kept.device) - starts[images_of_kept]
+        kept = kept[rank < self.max_detections]
+        counts = counts.clamp(max=self.max_detections).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": c}
+            for b, s, c in zip(
+                cand_boxes[kept].split(counts), cand_scores[kept].split(counts), cand_classes[kept].split(counts)
+            )
+        ]

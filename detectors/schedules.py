@@ -1,0 +1,54 @@
+"""Learning-rate schedules stepped every iteration: linear warm-up, then cosine or multi-step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupSchedule:
+    """Linear warm-up from ``warmup_factor * lr`` over ``warmup_epochs``, then ``decay``:
+
+    - 'cosine': cosine from lr down to ``min_lr_ratio * lr`` at the last step;
+    - 'multistep': lr times ``gamma`` at each fraction of training in ``milestones``;
+    - 'constant'.
+
+    Warm-up matters most from scratch: SSD's early high-loss steps otherwise blow up the BN-free
+    VGG16 (and still upset the BN one at lr 1e-2 and above).
+    """
+
+    def __init__(
+        self,
+        decay: str = "cosine",
+        warmup_epochs: float = 1.0,
+        warmup_factor: float = 1e-3,
+        min_lr_ratio: float = 0.01,
+        milestones: Sequence[float] = (2 / 3, 8 / 9),
+        gamma: float = 0.1,
+    ):
+        if decay not in ("cosine", "multistep", "constant"):
+            raise ValueError(f"unknown decay {decay!r} (have: cosine, multistep, constant)")
+        self.decay = decay
+        self.warmup_epochs = warmup_epochs
+        self.warmup_factor = warmup_factor
+        self.min_lr_ratio = min_lr_ratio
+        self.milestones = list(milestones)
+        self.gamma = gamma
+
+    def factor(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = min(int(self.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+        if step < warmup:
+            alpha = step / warmup
+            return self.warmup_factor * (1 - alpha) + alpha
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        if self.decay == "cosine":
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if self.decay == "multistep":
+            return self.gamma ** sum(progress >= m for m in self.milestones)
+        return 1.0
+
+    def build(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int) -> LambdaLR:
+        return LambdaLR(optimizer, lambda step: self.factor(step, total_steps, steps_per_epoch))

@@ -1,0 +1,54 @@
+"""What ``python train.py`` does: build data, model, trainer from the config; fit; test; return the metric."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from detectors.evaluation.report import format_report
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """Instantiate ``cfg.data`` and write the class names it found back into ``cfg.data.classes``."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    with open_dict(cfg):
+        cfg.data.classes = list(datamodule.classes)
+    log.info("classes (label order): %s", list(datamodule.classes))
+    return datamodule
+
+
+def instantiate_dict(section: DictConfig | None) -> list:
+    """Instantiate every entry with a _target_ of a callbacks/logger section."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    model = hydra.utils.instantiate(cfg.model, config=OmegaConf.to_container(cfg, resolve=True))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
+    )
+    log.info("run folder: %s", cfg.paths.output_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    skipped = getattr(datamodule.source, "skips", None)
+    if skipped is not None and skipped.counts:
+        log.warning("annotations skipped while loading: %s", skipped.summary())
+    if getattr(model, "last_metrics", None) and not trainer.fast_dev_run:
+        print(format_report(model.last_metrics, model.class_names, title="validation (last epoch)"))
+
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric", ""))
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        print(format_report(model.last_metrics, model.class_names, title=f"test ({best or 'last weights'})"))
+    return float(metric) if isinstance(metric, torch.Tensor) else None
