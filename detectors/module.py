@@ -14,6 +14,7 @@ from detectors.boxes import scale_boxes
 from detectors.detector import Detector
 from detectors.evaluation.coco import COCOMeanAP
 from detectors.evaluation.voc import VOCMeanAP
+from detectors.rng import collect_rng_state, restore_rng_state
 from detectors.schedules import WarmupSchedule
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class DetectionModule(L.LightningModule):
         input_size: (H, W) of the network input; evaluation maps boxes back to each image's own size.
         mean, std: input normalisation (0..1 scale); ImageNet's, so torchvision weights fit.
         channels_last: NHWC memory format, faster convolutions on tensor cores and oneDNN.
-        config: the run's resolved configuration, stored in checkpoints so evaluate.py can rebuild the model.
+        run_config: the run's resolved configuration as YAML (a string: Hydra would instantiate a dict),
+            stored in checkpoints so evaluate.py can rebuild the model.
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class DetectionModule(L.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         channels_last: bool = True,
-        config: dict | None = None,
+        run_config: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["detector", "optimizer", "scheduler"])
@@ -66,6 +68,7 @@ class DetectionModule(L.LightningModule):
         self.voc_map = VOCMeanAP(num_classes=num_classes, iou_threshold=0.5, use_07_metric=False)
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
+        self._rng_to_restore: dict | None = None
 
     # ---- data on the device -------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
@@ -79,6 +82,12 @@ class DetectionModule(L.LightningModule):
         return self.detector(images)
 
     # ---- training ------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self._rng_to_restore is not None:
+            # here, not at load time: the sanity check between the two draws from the RNG too
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"]
         raw = self.detector(images)
@@ -129,14 +138,21 @@ class DetectionModule(L.LightningModule):
         for name, values in metrics.items():
             if values.numel() > 1 and values.numel() == len(self.class_names):
                 scalars.update({f"{stage}/{name}/{c}": v.float() for c, v in zip(self.class_names, values)})
-        self.log_dict(scalars, sync_dist=False)  # metric states are already synced across processes
-        self.log(f"{stage}/map_50", metrics["map_50"].float(), prog_bar=True)
+        self.log(f"{stage}/map_50", scalars.pop(f"{stage}/map_50"), prog_bar=True)
+        self.log_dict(scalars)  # metric states are synced across processes already, the values agree
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = collect_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -37,7 +37,8 @@ def _background_colour(img: np.ndarray) -> np.ndarray:
     return np.array([code >> 16, (code >> 8) & 255, code & 255], np.uint8)
 
 
-def _check_valid(img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, gen: ShapesGenerator) -> None:
+def _check_valid(img: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                 gen: ShapesGenerator) -> None:
     h, w = gen.image_size
     assert img.shape == (h, w, 3) and img.dtype == np.uint8
     assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4
@@ -80,7 +81,8 @@ def test_outputs_valid_default(default_samples) -> None:
 @given(h=st.integers(64, 320), w=st.integers(64, 320), seed=st.integers(0, 2**31),
        min_objects=st.integers(0, 3), extra=st.integers(0, 6),
        min_size=st.floats(0.08, 0.3), span=st.floats(1.0, 3.0), max_overlap=st.floats(0.0, 0.6))
-def test_outputs_valid_any_config(h, w, seed, min_objects, extra, min_size, span, max_overlap) -> None:
+def test_outputs_valid_any_config(h, w, seed, min_objects, extra, min_size, span,
+                                  max_overlap) -> None:
     gen = ShapesGenerator(4, (h, w), seed, min_objects, min_objects + extra,
                           min_size, min(min_size * span, 1.0), max_overlap)
     for i in range(len(gen)):
@@ -132,14 +134,15 @@ def test_objects_at_least_half_visible(monkeypatch) -> None:
     def spy(canvas, name, cx, cy, r, angle, aspect, colour):
         original(canvas, name, cx, cy, r, angle, aspect, colour)
         if canvas.ndim == 3:  # the paint call into an ROI view of the image, not the mask call
-            offset = canvas.__array_interface__["data"][0] - canvas.base.__array_interface__["data"][0]
+            offset = canvas.ctypes.data - canvas.base.ctypes.data
             y0, x0 = divmod(offset // 3, canvas.base.shape[1])
             alone = np.zeros(canvas.base.shape[:2], np.uint8)
             original(alone, name, cx + x0, cy + y0, r, angle, aspect, 1)
             painted.append((alone.astype(bool), np.asarray(colour, np.uint8)))
 
     monkeypatch.setattr(shapes, "_draw_shape", spy)
-    gen = ShapesGenerator(40, seed=6, min_objects=6, max_objects=8, max_overlap=0.6, background="flat")
+    gen = ShapesGenerator(40, seed=6, min_objects=6, max_objects=8, max_overlap=0.6,
+                          background="flat")
     fractions = []
     for i in range(len(gen)):
         painted.clear()
@@ -151,7 +154,8 @@ def test_objects_at_least_half_visible(monkeypatch) -> None:
 
 
 def test_sizes_cover_small_and_large_objects(default_samples) -> None:
-    sides = np.concatenate([np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for _, b, _ in default_samples])
+    boxes = np.concatenate([b for _, b, _ in default_samples])
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     assert (sides < 32).sum() >= 20
     assert (sides > 96).sum() >= 20
 
@@ -171,7 +175,8 @@ def test_overlap_limit_respected(default_samples) -> None:
     assert overlapping > 0  # overlaps happen, so the limit is actually exercised
 
 
-@pytest.mark.parametrize("max_overlap, indices", [(0.1, [276, 344, 773, 841]), (0.3, [351, 592, 829, 1166])])
+@pytest.mark.parametrize("max_overlap, indices",
+                         [(0.1, [276, 344, 773, 841]), (0.3, [351, 592, 829, 1166])])
 def test_overlap_limit_after_occlusion_shrinks_boxes(max_overlap, indices) -> None:
     """Crowded images where occlusion shrinks an earlier object's visible box into
     the IoU limit, so the generator must re-check all pairs. Indices found by

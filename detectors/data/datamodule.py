@@ -6,9 +6,10 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
-from detectors.data.dataset import DetectionDataset, collate_detection, seed_worker_transform
+from detectors.data.dataset import DetectionDataset, EpochSampler, collate_detection
 from detectors.data.records import Source
 from detectors.data.transforms import build_transform
 
@@ -40,7 +41,7 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
-        pin_memory: bool = True,
+        pin_memory: bool = True,  # only where a GPU is present
         on_bad_sample: str = "skip",
         seed: int = 0,
     ):
@@ -72,20 +73,23 @@ class DetectionDataModule(L.LightningDataModule):
                 transform = build_transform("none", size=self.input_size, seed=self.seed)
             records = self.source.records(split)
             log.info("%s split: %d images", split, len(records))
-            self._datasets[split] = DetectionDataset(self.source, records, transform, self.on_bad_sample)
+            self._datasets[split] = DetectionDataset(self.source, records, transform, self.on_bad_sample, self.seed)
         return self._datasets[split]
 
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(dataset), self.seed, self._current_epoch) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=shuffle and len(self.dataset(split)) > batch_size,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker_transform,
         )
 
     def train_dataloader(self) -> DataLoader:

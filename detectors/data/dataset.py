@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler
 
 from detectors.data.records import BadSampleError, Record, SkipCounter, Source
 
@@ -25,19 +26,30 @@ class DetectionDataset(Dataset):
 
     An unreadable sample returns None with ``on_bad_sample='skip'`` (the collate drops it and it is
     counted), or raises with 'raise'.
+
+    Indexed with ``(index, epoch)`` (see ``EpochSampler``), the augmentation of that sample is seeded
+    from (seed, epoch, index): the same in any worker, in any order, and after a resume.
     """
 
-    def __init__(self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip"):
+    def __init__(
+        self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip", seed: int = 0
+    ):
         self.source = source
         self.records = records
         self.transform = transform
         self.on_bad_sample = on_bad_sample
+        self.seed = seed
         self.skips = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]] | None:
+        if isinstance(item, tuple):
+            index, epoch = item
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+        else:
+            index = item
         record = self.records[index]
         try:
             image, record = self.source.load(record)
@@ -60,15 +72,30 @@ class DetectionDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1), target
 
 
-def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker's albumentations pipeline its own random stream.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles with a generator seeded by (seed, epoch) and yields ``(index, epoch)`` pairs.
 
-    Without it every worker starts from the same seed and they all augment identically.
-    torch seeds each worker differently (and anew at each epoch unless workers persist).
+    Neither the order nor the augmentation then depends on the global RNG or on the number of
+    workers, so a resumed run sees exactly the batches an uninterrupted one would. ``epoch_fn``
+    is read when iteration starts (Lightning's current epoch, already restored on resume).
     """
-    info = get_worker_info()
-    if info is not None and isinstance(info.dataset, DetectionDataset):
-        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+    def __init__(self, size: int, seed: int, epoch_fn: Callable[[], int], shuffle: bool = True):
+        self.size = size
+        self.seed = seed
+        self.epoch_fn = epoch_fn
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(self.epoch_fn())
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(self.size)
+        return iter([(int(i), epoch) for i in order])
 
 
 def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
+from albumentations.core.transforms_interface import BaseTransformInitSchema
 import cv2
 import numpy as np
 
@@ -22,8 +23,9 @@ class ZoomOut(A.Pad):
     """SSD's "expand": place the image at a random spot of a canvas up to ``max_scale`` times larger,
     filled with ``fill`` (the dataset mean), so the network sees small objects (Liu et al. 2016, sec. 3.6)."""
 
-    class InitSchema(A.Pad.InitSchema):
-        max_scale: float = 4.0
+    class InitSchema(BaseTransformInitSchema):
+        max_scale: float
+        fill: Sequence[float] | float
 
     def __init__(self, max_scale: float = 4.0, fill: Sequence[float] | float = (124, 116, 104), p: float = 0.5):
         super().__init__(padding=0, fill=tuple(fill) if isinstance(fill, Sequence) else fill,
@@ -49,10 +51,10 @@ class MinIoURandomCrop(A.augmentations.crops.transforms.BaseCrop):
     ``min_visibility`` of their area are dropped there.
     """
 
-    class InitSchema(A.augmentations.crops.transforms.BaseCrop.InitSchema):
-        min_ious: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-        min_scale: float = 0.3
-        max_trials: int = 50
+    class InitSchema(BaseTransformInitSchema):
+        min_ious: Sequence[float]
+        min_scale: float
+        max_trials: int
 
     def __init__(self, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), min_scale: float = 0.3,
                  max_trials: int = 50, p: float = 1.0):

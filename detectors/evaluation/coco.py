@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,13 +65,26 @@ class COCOMeanAP(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # name -> (trailing shape, dtype) of each "cat" list state; crowd is uint8 because
+    # gloo cannot all_gather bool tensors.
+    _STATES = {
+        "det_boxes": ((4,), torch.float64),
+        "det_scores": ((), torch.float64),
+        "det_labels": ((), torch.int64),
+        "det_counts": ((), torch.int64),
+        "gt_boxes": ((4,), torch.float64),
+        "gt_labels": ((), torch.int64),
+        "gt_counts": ((), torch.int64),
+        "gt_crowd": ((), torch.uint8),
+        "gt_area": ((), torch.float64),
+    }
 
     def __init__(
         self,
         num_classes: int,
         max_dets: Sequence[int] = (1, 10, 100),
         class_names: Sequence[str] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if list(max_dets) != sorted(max_dets) or len(max_dets) != 3:
@@ -83,13 +97,8 @@ class COCOMeanAP(Metric):
         # Flat per-row states; per-image row counts keep images grouped. Unlike a
         # per-row image index, counts need no rank offset: torchmetrics gathers
         # every state in the same rank order, so the counts stay aligned with rows.
-        for prefix in ("det", "gt"):
-            self.add_state(f"{prefix}_boxes", default=[], dist_reduce_fx="cat")
-            self.add_state(f"{prefix}_labels", default=[], dist_reduce_fx="cat")
-            self.add_state(f"{prefix}_counts", default=[], dist_reduce_fx="cat")
-        self.add_state("det_scores", default=[], dist_reduce_fx="cat")
-        self.add_state("gt_crowd", default=[], dist_reduce_fx="cat")  # uint8: gloo has no bool all_gather everywhere
-        self.add_state("gt_area", default=[], dist_reduce_fx="cat")
+        for name in self._STATES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
         """Store one batch; see the class docstring for the dict keys and shapes."""
@@ -120,6 +129,18 @@ class COCOMeanAP(Metric):
                 start += n
             area = torch.cat(parts)
         self.gt_area.append(area)
+
+    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
+        """Give empty list states a typed empty tensor before torchmetrics gathers them.
+
+        On a rank that saw no update torchmetrics would gather a 1-D float32
+        stand-in, which cannot be gathered with the other ranks' (N, 4) float64 rows.
+        """
+        for name, (shape, dtype) in self._STATES.items():
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                state.append(torch.zeros(0, *shape, dtype=dtype, device=self.device))
+        super()._sync_dist(*args, **kwargs)
 
     def compute(self) -> dict[str, Tensor]:
         """The 12 COCO stats (float32 scalars) and per-class AP/AR; see the class docstring."""

@@ -15,8 +15,9 @@ from detectors.evaluation.report import format_report
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a Lightning checkpoint of this framework, with a clear message for anything else."""
+def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
+    """Load a Lightning checkpoint of this framework and the run config stored in it, with a clear
+    message for anything else (weights_only: a checkpoint cannot run code when loaded)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -24,16 +25,16 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickling errors all mean: not a checkpoint we can read
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
-    if not config or "model" not in config or "state_dict" not in ckpt:
+    config = ckpt.get("hyper_parameters", {}).get("run_config") if isinstance(ckpt, dict) else None
+    run = OmegaConf.create(config) if isinstance(config, str) else None
+    if run is None or "model" not in run or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by detectors' train.py (no run config in it)")
-    return ckpt
+    return ckpt, run
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data``."""
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    run = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    ckpt, run = load_checkpoint(cfg.ckpt_path)
     class_names = list(run.data.classes)
     if cfg.get("data") is not None:
         # the user's data config, resolved against the run's input size and seed; labels follow the model's classes
@@ -46,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
         run.backbone.weights = None  # the checkpoint holds the weights; never download
         run.model.detector.backbone.weights = None
     datamodule = hydra.utils.instantiate(run.data)
-    model = hydra.utils.instantiate(run.model, config=OmegaConf.to_container(run))
+    model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

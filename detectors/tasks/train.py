@@ -34,7 +34,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    model = hydra.utils.instantiate(cfg.model, config=OmegaConf.to_container(cfg, resolve=True))
+    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
     )

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: timing, our model from the configs, a random detection batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import detectors  # noqa: F401  (resolvers)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def build_ours(overrides: list[str], num_classes: int):
+    """Our DetectionModule from the configs (as train.py builds it), without data or trainer."""
+    import hydra
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=.", *overrides])
+    with open_dict(cfg):
+        cfg.data.classes = [f"class{i}" for i in range(num_classes)]
+    return hydra.utils.instantiate(cfg.model)
+
+
+def random_batch(batch: int, size: int, num_classes: int, boxes_per_image: int, device, seed: int = 0) -> dict:
+    """uint8 images and padded targets as ``collate_detection`` makes them."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(batch, boxes_per_image, 2, generator=g) * size * 0.7
+    wh = torch.rand(batch, boxes_per_image, 2, generator=g) * size * 0.3 + 8
+    return {
+        "images": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device),
+        "boxes": torch.cat([xy, (xy + wh).clamp(max=size)], -1).to(device),
+        "labels": torch.randint(0, num_classes, (batch, boxes_per_image), generator=g).to(device),
+        "mask": torch.ones(batch, boxes_per_image, dtype=torch.bool, device=device),
+        "weights": torch.ones(batch, boxes_per_image, device=device),
+        "difficult": torch.zeros(batch, boxes_per_image, dtype=torch.bool, device=device),
+        "num_skipped": torch.tensor(0, device=device),
+    }
+
+
+def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
+    """Median seconds per call of ``step`` after ``warmup`` calls (device-synchronised)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,115 @@
+"""Images/s of a full SSD300 training step, ours next to torchvision's ssd300_vgg16, in one run.
+
+    python benchmarks/train_throughput.py                 # GPU: batch 32, 300x300, bf16 autocast, SGD
+    python benchmarks/train_throughput.py --device cpu --batch 2 --warmup 1 --iters 1   # smoke run
+
+Rows: ours (forward, batched matching, loss, backward, SGD step), ours with torch.compile on the
+network (--compile), torchvision's full step, and torchvision's VGG16+extras backbone alone
+(forward + backward): the floor any SSD300 step sits on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_ours, random_batch, time_steps  # noqa: E402
+
+
+def ours_step(args, device, compile_net=False):
+    module = build_ours(["model=ssd300", *args.overrides], args.num_classes).to(device)
+    module.train()
+    net = torch.compile(module.detector) if compile_net else module.detector
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    batch = random_batch(args.batch, args.size, args.num_classes, args.boxes, device)
+
+    def step():
+        b = module.on_after_batch_transfer(batch, 0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            raw = net(b["images"])
+            loss = module.detector.loss(raw, b, (args.size, args.size))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def torchvision_steps(args, device):
+    from torchvision.models.detection import ssd300_vgg16
+
+    model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=args.num_classes + 1).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    batch = random_batch(args.batch, args.size, args.num_classes, args.boxes, device)
+    images = list((batch["images"].float() / 255).unbind(0))
+    targets = [{"boxes": b, "labels": lab + 1} for b, lab in zip(batch["boxes"], batch["labels"])]
+
+    def full():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            losses = model(images, targets)
+            loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    x = model.transform(images)[0].tensors
+
+    def backbone():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            feats = model.backbone(x)
+            loss = sum(f.float().mean() for f in feats.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return full, backbone
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=300)
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--boxes", type=int, default=6, help="ground truths per image")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("overrides", nargs="*", help="config overrides for our model, e.g. backbone=vgg16")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    rows = {}
+    rows["ours"] = time_steps(ours_step(args, device), args.warmup, args.iters, device)
+    if args.compile:
+        rows["ours (torch.compile)"] = time_steps(ours_step(args, device, True), args.warmup, args.iters, device)
+    tv_full, tv_backbone = torchvision_steps(args, device)
+    rows["torchvision ssd300_vgg16"] = time_steps(tv_full, args.warmup, args.iters, device)
+    rows["torchvision backbone fwd+bwd (floor)"] = time_steps(tv_backbone, args.warmup, args.iters, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\nSSD300 training step, batch {args.batch}, {args.size}x{args.size}, "
+          f"{'bf16 autocast' if args.amp else 'fp32'}, {name}, torch {torch.__version__}")
+    print(f"{'':40s} {'img/s':>9s} {'ms/step':>9s}")
+    result = {}
+    for key, sec in rows.items():
+        result[key] = args.batch / sec
+        print(f"{key:40s} {args.batch / sec:9.1f} {sec * 1000:9.1f}")
+    speedup = result["ours"] / result["torchvision ssd300_vgg16"]
+    print(f"ours / torchvision: {speedup:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": args.batch,
+                                         "img_per_s": result, "speedup": speedup}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

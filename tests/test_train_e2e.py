@@ -1,0 +1,97 @@
+"""train.py and evaluate.py as a user runs them (subprocesses, CPU)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.source.sizes={train: 4, val: 4, test: 4}",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def run(script, *overrides, expect_ok=True):
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, script, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    out = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def run_dir(tmp_path, name):
+    return f"hydra.run.dir={tmp_path / name}"
+
+
+@pytest.mark.slow
+def test_fast_dev_run_on_shapes(tmp_path):
+    out = run("train.py", "model=ssd300", "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
+    assert "weights from random init" in out
+    assert "classes (label order): ['circle'" in out
+
+
+@pytest.mark.slow
+def test_fast_dev_run_on_bccd(tmp_path, bccd_root):
+    out = run("train.py", "model=ssd300", "data=voc", f"data.root={bccd_root}", "debug=fast_dev_run",
+              "data.batch_size=2", "data.eval_batch_size=2", run_dir(tmp_path, "bccd"))
+    assert "classes (label order): ['Platelets', 'RBC', 'WBC']" in out
+    # BCCD's two degenerate boxes are dropped with a warning naming the file
+    assert "degenerate box" in out
+
+
+@pytest.mark.slow
+def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
+    out = run("train.py", "trainer.max_epochs=1", run_dir(tmp_path, "run"), *TINY)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file(), out[-3000:]
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
+
+    out = run("evaluate.py", f"ckpt_path={ckpts / 'last.ckpt'}", "split=val", "num_workers=0",
+              "trainer.accelerator=cpu", run_dir(tmp_path, "eval"))
+    for line in ["Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]", "VOC AP@0.5 (area)"]:
+        assert line in out
+    for name in ["circle", "square", "triangle"]:
+        assert f"\n{name}" in out
+
+
+@pytest.mark.slow
+def test_evaluate_rejects_a_file_that_is_not_our_checkpoint(tmp_path):
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, bad)
+    out = run("evaluate.py", f"ckpt_path={bad}", run_dir(tmp_path, "bad"), expect_ok=False)
+    assert "not a checkpoint written by detectors' train.py" in out
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a zip")
+    out = run("evaluate.py", f"ckpt_path={tmp_path / 'garbage.ckpt'}", run_dir(tmp_path, "bad2"), expect_ok=False)
+    assert "is not a readable checkpoint" in out
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}"]
+    run("train.py", "trainer.max_epochs=2", run_dir(tmp_path, "full"), *common)
+    # the first run is planned for 2 epochs (same schedule) but stops after one, like an interrupted run
+    run("train.py", "trainer.max_epochs=2", "+callbacks.stop._target_=tests.stop_callback.StopAfterEpochs",
+        "+callbacks.stop.epochs=1", run_dir(tmp_path, "first"), *common)
+    out = run("train.py", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+              run_dir(tmp_path, "resumed"), *common)
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == full["epoch"] == 1, out[-2000:]
+    assert resumed["global_step"] == full["global_step"] == 4
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    # and the run did train: weights moved from the first epoch's
+    first = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    key = "detector.head.cls_convs.0.weight"
+    assert not torch.equal(first["state_dict"][key], full["state_dict"][key])
