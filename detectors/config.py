@@ -12,6 +12,18 @@ def auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+def gpu_or_cpu(on_gpu, on_cpu):
+    """A default that depends on the hardware, stated in the config: ``${gpu_or_cpu:60,3}``.
+
+    Used where one number cannot serve both (epochs of the default run: minutes on a 2-core CPU,
+    a converged model on a GPU). An explicit override always wins.
+    """
+    import torch
+
+    return on_gpu if torch.cuda.is_available() else on_cpu
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("len", lambda x: len(x), replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("gpu_or_cpu", gpu_or_cpu, replace=True)

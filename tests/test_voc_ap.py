@@ -194,8 +194,9 @@ def test_hand_computed_area_and_11_point_differ() -> None:
     area.update(preds, targets)
     eleven.update(preds, targets)
     a, e = area.compute(), eleven.compute()
-    assert set(a) == {"voc_map_50", "voc_ap_per_class"}
-    assert set(e) == {"voc07_map_50", "voc07_ap_per_class"}
+    assert set(a) == {"voc_map_50", "voc_ap_per_class", "num_gt_per_class"}
+    assert a["num_gt_per_class"].reshape(-1).tolist() == [2]  # torchmetrics squeezes one-element outputs
+    assert set(e) == {"voc07_map_50", "voc07_ap_per_class", "num_gt_per_class"}
     assert a["voc_map_50"].item() == pytest.approx(5 / 6, abs=1e-6)
     assert e["voc07_map_50"].item() == pytest.approx(28 / 33, abs=1e-6)
     assert abs(a["voc_map_50"].item() - e["voc07_map_50"].item()) > 0.01

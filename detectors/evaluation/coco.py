@@ -54,7 +54,9 @@ class COCOMeanAP(Metric):
     mar_1, mar_10, mar_100, mar_small, mar_medium, mar_large`` (named after
     ``max_dets``), ``map_per_class`` ``(C,)`` and ``mar_100_per_class`` ``(C,)``,
     plus ``map_per_class/<name>`` scalars when ``class_names`` is given. An empty
-    bucket (no non-ignored GT) gives -1 exactly as ``summarize()`` does.
+    bucket (no non-ignored GT) gives -1 exactly as ``summarize()`` does. With a
+    custom ``max_dets`` whose last entry is not 100, ``map`` is taken at
+    ``max_dets[-1]`` (pycocotools' ``summarize()`` hard-codes 100 there and gives -1).
 
     Images are ordered as they were passed to ``update`` (after a DDP sync: rank
     0's images, then rank 1's, ...); that order plays the part of pycocotools'

@@ -6,32 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-# (key, AP or AR, IoU, area, maxDets) in pycocotools' summarize() order
-COCO_STATS: list[tuple[str, str, str, str, int]] = [
-    ("map", "AP", "0.50:0.95", "all", 100),
-    ("map_50", "AP", "0.50", "all", 100),
-    ("map_75", "AP", "0.75", "all", 100),
-    ("map_small", "AP", "0.50:0.95", "small", 100),
-    ("map_medium", "AP", "0.50:0.95", "medium", 100),
-    ("map_large", "AP", "0.50:0.95", "large", 100),
-    ("mar_1", "AR", "0.50:0.95", "all", 1),
-    ("mar_10", "AR", "0.50:0.95", "all", 10),
-    ("mar_100", "AR", "0.50:0.95", "all", 100),
-    ("mar_small", "AR", "0.50:0.95", "small", 100),
-    ("mar_medium", "AR", "0.50:0.95", "medium", 100),
-    ("mar_large", "AR", "0.50:0.95", "large", 100),
-]
-
-
-def format_coco_stats(stats: Mapping[str, float | Tensor]) -> str:
-    """The 12 stats in pycocotools' COCOeval.summarize() line format."""
-    lines = []
-    for key, kind, iou, area, max_dets in COCO_STATS:
-        name = "Average Precision" if kind == "AP" else "Average Recall"
-        lines.append(
-            f" {name:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {float(stats[key]):0.3f}"
-        )
-    return "\n".join(lines)
+from detectors.evaluation.coco import format_coco_stats
 
 
 def format_class_table(metrics: Mapping[str, Tensor], class_names: Sequence[str]) -> str:
@@ -49,7 +24,7 @@ def format_class_table(metrics: Mapping[str, Tensor], class_names: Sequence[str]
     for i, name in enumerate(class_names):
         cells = []
         for key, h in columns:
-            v = float(metrics[key][i])
+            v = float(metrics[key].reshape(-1)[i])  # torchmetrics squeezes one-class outputs to 0-d
             cells.append(f"{int(v):>{max(len(h), 6)}d}" if key == "num_gt_per_class" else f"{v:>{max(len(h), 6)}.4f}")
         rows.append(f"{name:<{width}} | " + " | ".join(cells))
     return "\n".join(rows)
@@ -57,7 +32,7 @@ def format_class_table(metrics: Mapping[str, Tensor], class_names: Sequence[str]
 
 def format_report(metrics: Mapping[str, Tensor], class_names: Sequence[str], title: str = "") -> str:
     voc = {k: float(v) for k, v in metrics.items() if k.startswith("voc") and v.numel() == 1}
-    parts = [f"== {title} ==" if title else "", "COCO bbox (pycocotools definitions):", format_coco_stats(metrics)]
+    parts = [f"== {title} ==" if title else "", "COCO bbox (pycocotools definitions):", *format_coco_stats(metrics)]
     parts += [f"{k} = {v:.4f}" for k, v in voc.items()]
     parts += ["(-1: no ground truth in that bucket, as pycocotools prints it)", format_class_table(metrics, class_names)]
     return "\n".join(p for p in parts if p)

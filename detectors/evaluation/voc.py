@@ -269,6 +269,7 @@ class VOCMeanAP(Metric):
         out = {
             f"{self.prefix}_map_{self.thr_tag}": mean.float().to(self.device),
             f"{self.prefix}_ap_per_class": ap.float().to(self.device),
+            "num_gt_per_class": npos.to(self.device),  # non-difficult ground truths: VOC's npos
         }
         if self.class_names is not None:
             for name, value in zip(self.class_names, out[f"{self.prefix}_ap_per_class"]):
