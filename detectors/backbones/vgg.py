@@ -47,7 +47,7 @@ class VGG16(nn.Module):
                 # ceil_mode on every pool, so 300 -> 150 -> 75 -> 38 -> 19 as in the paper's SSD300
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
-                layers += conv_block(in_ch, int(v), batch_norm, kernel_size=3, padding=1)
+                layers += conv_block(in_ch, int(v), batch_norm, bias=True, kernel_size=3, padding=1)
                 in_ch = int(v)
             if i == 12:  # conv4_3 (+ BN) + ReLU
                 self.conv4_3_end = len(layers)

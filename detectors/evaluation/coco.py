@@ -19,29 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from detectors.evaluation.coco_match import AREA_NAMES, IOU_THRESHOLDS, coco_evaluate
+from detectors.evaluation.detection_state import DetectionStateMetric
 
 __all__ = ["COCOMeanAP", "format_coco_stats"]
 
 
-def _cat(state: list[Tensor] | Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Concatenate a list state; after a DDP sync it already is one tensor.
-
-    ``reshape`` restores the trailing shape that torchmetrics loses when it
-    stands in an empty 1-D tensor for a rank that saw no data.
-    """
-    if isinstance(state, Tensor):
-        t = state
-    elif len(state) == 0:
-        t = torch.zeros(0, dtype=dtype, device=device)
-    else:
-        t = torch.cat([s.reshape(-1, *shape) for s in state])
-    return t.reshape(-1, *shape).to(dtype=dtype, device=device)
-
-
-class COCOMeanAP(Metric):
+class COCOMeanAP(DetectionStateMetric):
     """COCO box mAP/mAR exactly as pycocotools ``COCOeval`` (iouType="bbox", useCats=1).
 
     ``update(preds, targets)`` takes one dict per image:
@@ -64,19 +49,9 @@ class COCOMeanAP(Metric):
     Boxes, scores and areas are kept in float64 so IoUs equal pycocotools' ones.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    # name -> (trailing shape, dtype) of each "cat" list state; crowd is uint8 because
-    # gloo cannot all_gather bool tensors.
-    _STATES = {
-        "det_boxes": ((4,), torch.float64),
-        "det_scores": ((), torch.float64),
-        "det_labels": ((), torch.int64),
-        "det_counts": ((), torch.int64),
-        "gt_boxes": ((4,), torch.float64),
-        "gt_labels": ((), torch.int64),
-        "gt_counts": ((), torch.int64),
+    # Per-GT states besides the shared ones; crowd is uint8 because gloo cannot
+    # all_gather bool tensors.
+    _GT_STATES = {
         "gt_crowd": ((), torch.uint8),
         "gt_area": ((), torch.float64),
     }
@@ -88,38 +63,15 @@ class COCOMeanAP(Metric):
         class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         if list(max_dets) != sorted(max_dets) or len(max_dets) != 3:
             raise ValueError(f"max_dets must be 3 ascending limits like (1, 10, 100), got {max_dets}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.num_classes = num_classes
+        super().__init__(num_classes, class_names, **kwargs)
         self.max_dets = tuple(int(m) for m in max_dets)
-        self.class_names = list(class_names) if class_names is not None else None
-        # Flat per-row states; per-image row counts keep images grouped. Unlike a
-        # per-row image index, counts need no rank offset: torchmetrics gathers
-        # every state in the same rank order, so the counts stay aligned with rows.
-        for name in self._STATES:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
-        """Store one batch; see the class docstring for the dict keys and shapes."""
-        if len(preds) != len(targets):
-            raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-        if len(preds) == 0:
-            return
+    def _gt_fields(self, targets: Sequence[dict[str, Tensor]], gt_boxes: Tensor) -> dict[str, Tensor]:
+        """``gt_crowd`` (``iscrowd``, default False) and ``gt_area`` (``area``, default the box area)."""
         dev, f64 = self.device, torch.float64
-        det_boxes = torch.cat([p["boxes"].reshape(-1, 4) for p in preds]).to(dev, f64)
-        gt_boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(dev, f64)
-        self.det_boxes.append(det_boxes)
-        self.det_scores.append(torch.cat([p["scores"].reshape(-1) for p in preds]).to(dev, f64))
-        self.det_labels.append(torch.cat([p["labels"].reshape(-1) for p in preds]).to(dev, torch.int64))
-        self.det_counts.append(torch.tensor([p["boxes"].shape[0] for p in preds], dtype=torch.int64, device=dev))
-        self.gt_boxes.append(gt_boxes)
-        self.gt_labels.append(torch.cat([t["labels"].reshape(-1) for t in targets]).to(dev, torch.int64))
-        self.gt_counts.append(torch.tensor([t["boxes"].shape[0] for t in targets], dtype=torch.int64, device=dev))
         crowd = [t.get("iscrowd", torch.zeros(t["boxes"].shape[0], dtype=torch.bool)).reshape(-1) for t in targets]
-        self.gt_crowd.append(torch.cat([c.to(dev, torch.uint8) for c in crowd]))
         box_area = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
         if all("area" in t for t in targets):
             area = torch.cat([t["area"].reshape(-1) for t in targets]).to(dev, f64)
@@ -130,44 +82,11 @@ class COCOMeanAP(Metric):
                 parts.append(t["area"].reshape(-1).to(dev, f64) if "area" in t else box_area[start : start + n])
                 start += n
             area = torch.cat(parts)
-        self.gt_area.append(area)
-
-    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
-        """Give empty list states a typed empty tensor before torchmetrics gathers them.
-
-        On a rank that saw no update torchmetrics would gather a 1-D float32
-        stand-in, which cannot be gathered with the other ranks' (N, 4) float64 rows.
-        """
-        for name, (shape, dtype) in self._STATES.items():
-            state = getattr(self, name)
-            if isinstance(state, list) and not state:
-                state.append(torch.zeros(0, *shape, dtype=dtype, device=self.device))
-        super()._sync_dist(*args, **kwargs)
+        return {"gt_crowd": torch.cat([c.to(dev, torch.uint8) for c in crowd]), "gt_area": area}
 
     def compute(self) -> dict[str, Tensor]:
         """The 12 COCO stats (float32 scalars) and per-class AP/AR; see the class docstring."""
-        dev, f64, i64 = self.device, torch.float64, torch.int64
-        det_counts = _cat(self.det_counts, (), i64, dev)
-        gt_counts = _cat(self.gt_counts, (), i64, dev)
-        images = torch.arange(det_counts.numel(), device=dev)
-        det_labels = _cat(self.det_labels, (), i64, dev)
-        gt_labels = _cat(self.gt_labels, (), i64, dev)
-        for labels in (det_labels, gt_labels):
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.unique().tolist()}")
-        stats = coco_evaluate(
-            det_boxes=_cat(self.det_boxes, (4,), f64, dev),
-            det_scores=_cat(self.det_scores, (), f64, dev),
-            det_labels=det_labels,
-            det_image=torch.repeat_interleave(images, det_counts),
-            gt_boxes=_cat(self.gt_boxes, (4,), f64, dev),
-            gt_labels=gt_labels,
-            gt_image=torch.repeat_interleave(images, gt_counts),
-            gt_crowd=_cat(self.gt_crowd, (), torch.uint8, dev).bool(),
-            gt_area=_cat(self.gt_area, (), f64, dev),
-            num_classes=self.num_classes,
-            max_dets=self.max_dets,
-        )
+        stats = coco_evaluate(**self._concatenated(), num_classes=self.num_classes, max_dets=self.max_dets)
         out = {k: v.float() for k, v in stats.items()}
         if self.class_names is not None:
             for name, ap in zip(self.class_names, out["map_per_class"]):

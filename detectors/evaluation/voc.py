@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from detectors.evaluation.detection_state import DetectionStateMetric
 
 __all__ = ["VOCMeanAP", "voc_ap"]
 
@@ -62,17 +63,6 @@ def voc_ap(recall: Tensor | np.ndarray, precision: Tensor | np.ndarray, use_07_m
     return float(((mrec[i + 1] - mrec[i]) * mpre[i + 1]).sum())
 
 
-def _cat(state: list[Tensor] | Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Concatenate a list state (after a DDP sync it already is one tensor)."""
-    if isinstance(state, Tensor):
-        t = state
-    elif len(state) == 0:
-        t = torch.zeros(0, dtype=dtype, device=device)
-    else:
-        t = torch.cat([s.reshape(-1, *shape) for s in state])
-    return t.reshape(-1, *shape).to(dtype=dtype, device=device)
-
-
 def voc_box_iou(dets: Tensor, gts: Tensor) -> Tensor:
     """IoU of each detection with its own row of GT boxes, continuous coordinates (no +1).
 
@@ -90,7 +80,7 @@ def voc_box_iou(dets: Tensor, gts: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union, torch.zeros_like(inter))
 
 
-class VOCMeanAP(Metric):
+class VOCMeanAP(DetectionStateMetric):
     """PASCAL VOC mean AP at one IoU threshold, devkit semantics (see the module docstring).
 
     ``update(preds, targets)`` takes one dict per image:
@@ -112,20 +102,8 @@ class VOCMeanAP(Metric):
     taken GT -> FP. Below the threshold, or no GT: FP.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    # name -> (trailing shape, dtype) of each "cat" list state; uint8, as gloo cannot gather bool.
-    _STATES = {
-        "det_boxes": ((4,), torch.float64),
-        "det_scores": ((), torch.float64),
-        "det_labels": ((), torch.int64),
-        "det_counts": ((), torch.int64),
-        "gt_boxes": ((4,), torch.float64),
-        "gt_labels": ((), torch.int64),
-        "gt_counts": ((), torch.int64),
-        "gt_difficult": ((), torch.uint8),
-    }
+    # Per-GT state besides the shared ones; uint8, as gloo cannot gather bool.
+    _GT_STATES = {"gt_difficult": ((), torch.uint8)}
 
     def __init__(
         self,
@@ -135,45 +113,16 @@ class VOCMeanAP(Metric):
         class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.num_classes = num_classes
+        super().__init__(num_classes, class_names, **kwargs)
         self.iou_threshold = float(iou_threshold)
         self.use_07_metric = bool(use_07_metric)
-        self.class_names = list(class_names) if class_names is not None else None
         self.prefix = "voc07" if use_07_metric else "voc"
         self.thr_tag = f"{round(100 * self.iou_threshold):d}"
-        # Flat rows plus per-image row counts: the counts keep images grouped after a
-        # DDP gather (every state is gathered in the same rank order) with no rank offset.
-        for name in self._STATES:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
-        """Store one batch; see the class docstring for the dict keys and shapes."""
-        if len(preds) != len(targets):
-            raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-        if len(preds) == 0:
-            return
-        dev = self.device
-        self.det_boxes.append(torch.cat([p["boxes"].reshape(-1, 4) for p in preds]).to(dev, torch.float64))
-        self.det_scores.append(torch.cat([p["scores"].reshape(-1) for p in preds]).to(dev, torch.float64))
-        self.det_labels.append(torch.cat([p["labels"].reshape(-1) for p in preds]).to(dev, torch.int64))
-        self.det_counts.append(torch.tensor([p["boxes"].shape[0] for p in preds], dtype=torch.int64, device=dev))
-        self.gt_boxes.append(torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(dev, torch.float64))
-        self.gt_labels.append(torch.cat([t["labels"].reshape(-1) for t in targets]).to(dev, torch.int64))
-        self.gt_counts.append(torch.tensor([t["boxes"].shape[0] for t in targets], dtype=torch.int64, device=dev))
+    def _gt_fields(self, targets: Sequence[dict[str, Tensor]], gt_boxes: Tensor) -> dict[str, Tensor]:
+        """``gt_difficult`` from each target's ``difficult`` (default False)."""
         difficult = [t.get("difficult", torch.zeros(t["boxes"].shape[0], dtype=torch.bool)) for t in targets]
-        self.gt_difficult.append(torch.cat([d.reshape(-1).to(dev, torch.uint8) for d in difficult]))
-
-    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
-        """Give empty list states a typed empty tensor before torchmetrics gathers them
-        (its stand-in for a rank without updates is 1-D float32, a collective mismatch)."""
-        for name, (shape, dtype) in self._STATES.items():
-            state = getattr(self, name)
-            if isinstance(state, list) and not state:
-                state.append(torch.zeros(0, *shape, dtype=dtype, device=self.device))
-        super()._sync_dist(*args, **kwargs)
+        return {"gt_difficult": torch.cat([d.reshape(-1).to(self.device, torch.uint8) for d in difficult])}
 
     def _match(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """TP/FP flags of all detections in ranked order.
@@ -183,19 +132,9 @@ class VOCMeanAP(Metric):
             (class, score descending, given order) order, and ``npos`` ``(C,)``.
         """
         dev, C = self.device, self.num_classes
-        det_counts = _cat(self.det_counts, (), torch.int64, dev)
-        images = torch.arange(det_counts.numel(), device=dev)
-        det_image = torch.repeat_interleave(images, det_counts)
-        gt_image = torch.repeat_interleave(images, _cat(self.gt_counts, (), torch.int64, dev))
-        boxes = _cat(self.det_boxes, (4,), torch.float64, dev)
-        scores = _cat(self.det_scores, (), torch.float64, dev)
-        labels = _cat(self.det_labels, (), torch.int64, dev)
-        gt_boxes = _cat(self.gt_boxes, (4,), torch.float64, dev)
-        gt_labels = _cat(self.gt_labels, (), torch.int64, dev)
-        difficult = _cat(self.gt_difficult, (), torch.uint8, dev).bool()
-        for lab in (labels, gt_labels):
-            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= C):
-                raise ValueError(f"labels must lie in [0, {C}), got {lab.unique().tolist()}")
+        s = self._concatenated()
+        boxes, scores, labels, det_image = s["det_boxes"], s["det_scores"], s["det_labels"], s["det_image"]
+        gt_boxes, gt_labels, gt_image, difficult = s["gt_boxes"], s["gt_labels"], s["gt_image"], s["gt_difficult"]
         npos = torch.bincount(gt_labels[~difficult], minlength=C)
 
         # Rank: class-major, score descending, stable so ties keep the given order.
