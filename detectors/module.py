@@ -117,13 +117,16 @@ class DetectionModule(L.LightningModule):
             )
         return preds, targets
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, list[dict]]:
+        """Returns predictions and ground truth in the original image frame, for callbacks
+        (sample pictures, result files)."""
         preds, targets = self.predict_original_frame(batch)
         self.coco_map.update(preds, targets)
         self.voc_map.update(preds, targets)
+        return {"preds": preds, "targets": targets}
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, list[dict]]:
+        return self.validation_step(batch, batch_idx)
 
     def compute_metrics(self) -> dict[str, Tensor]:
         metrics = {**self.coco_map.compute(), **self.voc_map.compute()}

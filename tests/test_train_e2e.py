@@ -66,6 +66,22 @@ def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
 
 
 @pytest.mark.slow
+def test_ckpt_path_auto_resumes_the_newest_run_and_another_model_is_refused(tmp_path, bccd_root):
+    logs = f"paths.log_dir={tmp_path / 'logs'}"
+    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=1", logs, *TINY)
+    assert "no last.ckpt found, starting fresh" in out
+    (last,) = (tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt")
+    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=2", logs, *TINY)
+    assert f"resuming from {last}" in out
+    newest = max((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(newest, map_location="cpu", weights_only=True)["epoch"] == 1
+    # a checkpoint of the 6-class shapes model cannot resume a 3-class BCCD model
+    out = run("train.py", f"ckpt_path={last}", "data=voc", f"data.root={bccd_root}", "data.num_workers=0",
+              logs, expect_ok=False)
+    assert "was made by another model" in out and "head.cls_convs" in out
+
+
+@pytest.mark.slow
 def test_evaluate_rejects_a_file_that_is_not_our_checkpoint(tmp_path):
     bad = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, bad)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detectors.checkpoints import check_fits, find_last_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
 
 log = logging.getLogger(__name__)
@@ -30,16 +32,30 @@ def instantiate_dict(section: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: None, a file, or 'auto' = the newest last.ckpt of this task's run folders."""
+    path = cfg.get("ckpt_path")
+    if path != "auto":
+        return path
+    found = find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    log.info("ckpt_path=auto: %s", f"resuming from {found}" if found else "no last.ckpt found, starting fresh")
+    return str(found) if found else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:
+        # a clear message now instead of Lightning's key-by-key error after the trainer started
+        check_fits(model, load_checkpoint(ckpt_path)[0]["state_dict"], ckpt_path)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
     )
     log.info("run folder: %s", cfg.paths.output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     skipped = getattr(datamodule.source, "skips", None)
     if skipped is not None and skipped.counts:
         log.warning("annotations skipped while loading: %s", skipped.summary())
