@@ -37,7 +37,7 @@ class COCOMeanAP(DetectionStateMetric):
 
     ``compute()`` returns ``map, map_50, map_75, map_small, map_medium, map_large,
     mar_1, mar_10, mar_100, mar_small, mar_medium, mar_large`` (named after
-    ``max_dets``), ``map_per_class`` ``(C,)`` and ``mar_100_per_class`` ``(C,)``,
+    ``max_dets``), ``map_per_class`` ``(C,)``, ``map_50_per_class`` ``(C,)`` and ``mar_100_per_class`` ``(C,)``,
     plus ``map_per_class/<name>`` scalars when ``class_names`` is given. An empty
     bucket (no non-ignored GT) gives -1 exactly as ``summarize()`` does. With a
     custom ``max_dets`` whose last entry is not 100, ``map`` is taken at

@@ -272,7 +272,7 @@ def summarize(precision: Tensor, recall: Tensor, max_dets: tuple[int, ...]) -> d
     Returns:
         Named float64 scalars ``map, map_50, map_75, map_{small,medium,large},
         mar_{max_dets[i]}, mar_{small,medium,large}`` and ``map_per_class`` ``(K,)``,
-        ``mar_{max_dets[-1]}_per_class`` ``(K,)``.
+        ``mar_{max_dets[-1]}_per_class`` ``(K,)``, ``map_50_per_class`` ``(K,)`` (AP at IoU 0.5).
     """
     t50 = int(np.where(IOU_THRESHOLDS == 0.5)[0][0])
     t75 = int(np.where(IOU_THRESHOLDS == 0.75)[0][0])
@@ -290,6 +290,7 @@ def summarize(precision: Tensor, recall: Tensor, max_dets: tuple[int, ...]) -> d
         out[f"mar_{name}"] = _mean_valid(recall[..., a, last])
     # Per category: a category without GT has every entry at -1, so the mean is -1 too.
     out["map_per_class"] = precision[..., 0].mean((0, 1))
+    out["map_50_per_class"] = precision[t50, :, :, 0].mean(0)  # AP@0.5 per category, for the report table
     out[f"mar_{max_dets[-1]}_per_class"] = recall[:, :, 0, last].mean(0)
     return out
 
