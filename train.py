@@ -4,12 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 import detectors  # noqa: F401  (registers the config resolvers)
-from detectors.tasks.train import train
+from detectors.tasks.train import run_trial
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    return run_trial(cfg)
 
 
 if __name__ == "__main__":

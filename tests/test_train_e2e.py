@@ -111,3 +111,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     first = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     key = "detector.head.cls_convs.0.weight"
     assert not torch.equal(first["state_dict"][key], full["state_dict"][key])
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_job_in_its_own_folder_and_survives_a_failing_trial(tmp_path):
+    out = run("train.py", "-m", "optimizer.momentum=0.9,-1", "debug=fast_dev_run", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              *TINY)
+    assert (tmp_path / "sweep" / "0").is_dir() and (tmp_path / "sweep" / "1").is_dir()
+    assert "trial failed (the sweep goes on)" in out and "Invalid momentum value" in out
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()

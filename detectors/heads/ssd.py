@@ -15,6 +15,7 @@ from detectors.anchors import SSDPriors
 from detectors.assign import gather_gt, match_priors
 from detectors.boxes import SSDBoxCoder, clip_boxes
 from detectors.losses import hard_negative_mask
+from detectors.timing import stage
 
 
 @dataclass
@@ -102,22 +103,30 @@ class SSDHead(nn.Module):
         Returns {'loss', 'loss_cls', 'loss_box', 'num_positives'}. No host sync inside.
         """
         priors = self.make_priors(raw, image_size)
-        match = match_priors(priors, targets["boxes"], targets["mask"], self.iou_threshold)
-        positive = match.positive
-        ignore = torch.zeros_like(positive)
-        if "difficult" in targets:
-            ignore = positive & gather_gt(targets["difficult"], match.gt_index)
-            positive = positive & ~ignore
-        labels = torch.where(positive, gather_gt(targets["labels"], match.gt_index) + 1, 0)
-        pos_weight = positive * gather_gt(targets["weights"].float(), match.gt_index)
+        with stage("assign"):
+            match = match_priors(priors, targets["boxes"], targets["mask"], self.iou_threshold)
+            positive = match.positive
+            ignore = torch.zeros_like(positive)
+            if "difficult" in targets:
+                ignore = positive & gather_gt(targets["difficult"], match.gt_index)
+                positive = positive & ~ignore
+            labels = torch.where(positive, gather_gt(targets["labels"], match.gt_index) + 1, 0)
+            pos_weight = positive * gather_gt(targets["weights"].float(), match.gt_index)
+            matched_boxes = gather_gt(targets["boxes"], match.gt_index)
+        with stage("loss"):
+            return self._multibox_loss(raw, priors, labels, matched_boxes, positive, ignore, pos_weight)
 
+    def _multibox_loss(self, raw: SSDRaw, priors: Tensor, labels: Tensor, matched_boxes: Tensor, positive: Tensor,
+                       ignore: Tensor, pos_weight: Tensor) -> dict[str, Tensor]:
+        """labels (B, A) with 0 = background; matched_boxes (B, A, 4); positive/ignore (B, A) bool;
+        pos_weight (B, A) per-box weight on positives, 0 elsewhere."""
         logits = raw.cls_logits.float()
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
         negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
         num_pos = positive.sum().clamp(min=1).float()
         loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
 
-        encoded = self.coder.encode(gather_gt(targets["boxes"], match.gt_index), priors)
+        encoded = self.coder.encode(matched_boxes, priors)
         box_l1 = F.smooth_l1_loss(raw.box_offsets.float(), encoded, beta=1.0, reduction="none").sum(-1)
         loss_box = (box_l1 * pos_weight).sum() / num_pos
         return {"loss": loss_cls + loss_box, "loss_cls": loss_cls, "loss_box": loss_box, "num_positives": num_pos}

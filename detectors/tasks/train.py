@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detectors.checkpoints import check_fits, find_last_checkpoint, load_checkpoint
@@ -40,6 +43,23 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     found = find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
     log.info("ckpt_path=auto: %s", f"resuming from {found}" if found else "no last.ckpt found, starting fresh")
     return str(found) if found else None
+
+
+def run_trial(cfg: DictConfig) -> float | None:
+    """``train`` as a sweep trial: in a multirun (-m) a failing or diverging trial is logged and
+    returns NaN (a failed trial for Optuna) instead of ending the whole sweep."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:
+        return train(cfg)
+    try:
+        metric = train(cfg)
+    except Exception:  # noqa: BLE001 (any failure of one trial)
+        log.exception("trial failed (the sweep goes on): %s", HydraConfig.get().job.override_dirname)
+        return float("nan")
+    if metric is None or not math.isfinite(metric):
+        log.warning("trial gave no finite %s: recorded as failed", cfg.get("optimized_metric"))
+        return float("nan")
+    return metric
 
 
 def train(cfg: DictConfig) -> float | None:
