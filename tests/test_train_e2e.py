@@ -120,3 +120,20 @@ def test_sweep_runs_each_job_in_its_own_folder_and_survives_a_failing_trial(tmp_
     assert (tmp_path / "sweep" / "0").is_dir() and (tmp_path / "sweep" / "1").is_dir()
     assert "trial failed (the sweep goes on)" in out and "Invalid momentum value" in out
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_three_trials_and_resume_from_storage(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["hparams_search=ssd_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=t",
+              "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", *TINY]
+    run("train.py", "-m", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 's1'}", *common)
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert len(study.trials) == 3
+    assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)
+    lrs = {t.params["optimizer.lr"] for t in study.trials}
+    assert len(lrs) == 3 and all(0.002 <= lr <= 0.05 for lr in lrs)
+    # the same study goes on from its storage
+    run("train.py", "-m", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 's2'}", *common)
+    assert len(optuna.load_study(study_name="t", storage=storage).trials) == 4
