@@ -137,3 +137,30 @@ def test_optuna_sweep_of_three_trials_and_resume_from_storage(tmp_path):
     # the same study goes on from its storage
     run("train.py", "-m", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 's2'}", *common)
     assert len(optuna.load_study(study_name="t", storage=storage).trials) == 4
+
+
+@pytest.mark.slow
+def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
+    import signal
+    import time
+
+    common = [*TINY, "data.source.sizes={train: 8, val: 2, test: 2}", "trainer.max_epochs=3"]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", run_dir(tmp_path, "killed"), *common], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]  # checkpoints are written atomically
+    assert saved_epoch in (0, 1)
+
+    run("train.py", run_dir(tmp_path, "resumed"), f"ckpt_path={last}", *common)
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["epoch"] == 2 and final["global_step"] == 3 * 4
+    logged = (tmp_path / "resumed" / "csv" / "metrics.csv").read_text().splitlines()
+    epochs = {line.split(",")[0] for line in logged[1:] if line.split(",")[0]}
+    assert min(map(int, epochs)) == saved_epoch + 1  # the epoch count continues
