@@ -164,3 +164,14 @@ def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
     logged = (tmp_path / "resumed" / "csv" / "metrics.csv").read_text().splitlines()
     epochs = {line.split(",")[0] for line in logged[1:] if line.split(",")[0]}
     assert min(map(int, epochs)) == saved_epoch + 1  # the epoch count continues
+
+
+@pytest.mark.slow
+def test_ema_switch_keeps_averaged_weights_in_the_checkpoint(tmp_path):
+    run("train.py", "callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5",
+        "trainer.max_epochs=1", run_dir(tmp_path, "ema"), *TINY)
+    ckpt = torch.load(tmp_path / "ema" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["callbacks"]["EMAWeightAveraging"]["latest_update_step"] == 2  # averaged after both steps
+    # state_dict holds the average (what validation and evaluate.py use), current_model_state the raw weights
+    key = "detector.head.cls_convs.0.weight"
+    assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])
