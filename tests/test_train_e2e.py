@@ -55,6 +55,7 @@ def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file(), out[-3000:]
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert len((tmp_path / "run" / "git_commit.txt").read_text().strip()) == 40
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
 
     out = run("evaluate.py", f"ckpt_path={ckpts / 'last.ckpt'}", "split=val", "num_workers=0",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 from pathlib import Path
 
 import hydra
@@ -33,6 +34,21 @@ def instantiate_dict(section: DictConfig | None) -> list:
     if not section:
         return []
     return [hydra.utils.instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def write_git_state(run_dir: str | Path) -> None:
+    """Record the code a run used (commit and uncommitted changes) beside Hydra's config dump."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if commit.returncode == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "git_commit.txt").write_text(commit.stdout)
+        if diff.stdout:
+            (Path(run_dir) / "git_diff.patch").write_text(diff.stdout)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -75,6 +91,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
     )
     log.info("run folder: %s", cfg.paths.output_dir)
+    write_git_state(cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     skipped = getattr(datamodule.source, "skips", None)
     if skipped is not None and skipped.counts:
