@@ -16,3 +16,21 @@ def bccd_root() -> Path:
     if not (BCCD / "Annotations").is_dir():
         pytest.skip(f"BCCD not found at {BCCD} (set BCCD_ROOT)")
     return BCCD
+
+
+@pytest.fixture(scope="session")
+def bccd_as(tmp_path_factory):
+    """BCCD converted to another format (images symlinked), made once per test session."""
+    made = {}
+
+    def get(fmt: str) -> Path:
+        if not (BCCD / "Annotations").is_dir():
+            pytest.skip(f"BCCD not found at {BCCD} (set BCCD_ROOT)")
+        if fmt not in made:
+            from detectors.data.convert import convert
+
+            made[fmt] = tmp_path_factory.mktemp(f"bccd_{fmt}") / fmt
+            convert([BCCD], made[fmt], "voc", fmt, images="symlink")
+        return made[fmt]
+
+    return get

@@ -19,20 +19,21 @@ def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_train(overrides, tmp_path, bccd):
+def compose_train(overrides, tmp_path, root):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         if "root" in cfg.data.keys():  # keys() lists it while still ??? (mandatory)
-            cfg.data.root = str(bccd)
+            cfg.data.root = str(root)
         del cfg["hydra"]
     return cfg
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_config_composes_and_resolves(group, option, tmp_path, bccd_root):
-    cfg = compose_train([f"{group}={option}"], tmp_path, bccd_root)
+def test_every_config_composes_and_resolves(group, option, tmp_path, bccd_root, bccd_as):
+    root = bccd_as(option) if group == "data" and option in ("coco", "yolo") else bccd_root
+    cfg = compose_train([f"{group}={option}"], tmp_path, root)
     datamodule = hydra.utils.instantiate(cfg.data)
     with open_dict(cfg):
         cfg.data.classes = list(datamodule.classes)

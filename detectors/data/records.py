@@ -72,22 +72,3 @@ class SkipCounter:
 
     def summary(self) -> str:
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "nothing skipped"
-
-
-def clean_boxes(record: Record, skips: SkipCounter, min_size: float = 1.0) -> Record:
-    """Clip boxes to the image and drop degenerate ones (x2 <= x1, y2 <= y1, or under min_size px).
-
-    Real datasets carry such boxes (BCCD has two with x2 <= x1); one reaching the loss gives
-    log(0) in the box encoding, so they are dropped here, each with a one-line warning.
-    """
-    boxes = record.boxes.copy()
-    if len(boxes):
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, record.width)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, record.height)
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    keep = (w >= min_size) & (h >= min_size)
-    for i in np.flatnonzero(~keep):
-        skips.skip(f"box {record.boxes[i].tolist()} in {record.file}", "degenerate box (x2<=x1 or y2<=y1 after clipping)")
-    record.boxes, record.labels, record.difficult = boxes[keep], record.labels[keep], record.difficult[keep]
-    return record
