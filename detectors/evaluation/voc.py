@@ -214,3 +214,28 @@ class VOCMeanAP(DetectionStateMetric):
             for name, value in zip(self.class_names, out[f"{self.prefix}_ap_per_class"]):
                 out[f"{self.prefix}_ap_{self.thr_tag}/{name}"] = value
         return out
+
+    def pr_curves(self) -> list[dict[str, Tensor | float | int]]:
+        """The ranked precision/recall curve of each class, the one its AP in :meth:`compute` integrates.
+
+        Returns one dict per class (label order): ``recall`` ``(D_c,)`` and ``precision``
+        ``(D_c,)`` float64 on the CPU after each of the class's D_c ranked detections
+        (difficult hits dropped from the curve, as they count as neither TP nor FP),
+        ``ap`` (float, as ``compute``; -1 without non-difficult GT, then the curve is empty)
+        and ``num_gt`` (non-difficult GT count).
+        """
+        tp, fp, labels, npos = self._match()
+        tp, fp, labels = tp.cpu(), fp.cpu(), labels.cpu()
+        curves = []
+        for c, n_pos in enumerate(npos.tolist()):
+            counted = (labels == c) & (tp | fp)  # a hit on a difficult GT moves neither count
+            if n_pos == 0:
+                empty = torch.zeros(0, dtype=torch.float64)
+                curves.append({"recall": empty, "precision": empty, "ap": -1.0, "num_gt": 0})
+                continue
+            t, f = tp[counted].double().cumsum(0), fp[counted].double().cumsum(0)
+            rec = t / float(n_pos)
+            prec = t / torch.clamp(t + f, min=float(np.finfo(np.float64).eps))
+            curves.append({"recall": rec, "precision": prec, "ap": voc_ap(rec, prec, self.use_07_metric),
+                           "num_gt": int(n_pos)})
+        return curves

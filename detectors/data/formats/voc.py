@@ -1,26 +1,39 @@
-"""Pascal VOC layout: Annotations/*.xml, JPEGImages/*, ImageSets/Main/{split}.txt."""
+"""Pascal VOC layout: Annotations/*.xml, JPEGImages/*, ImageSets/Main/{split}.txt; one folder or several.
+
+Pixel convention: the xml's numbers are used as they are, as continuous xyxy coordinates (the
+devkit's pixels are 1-based and it subtracts 1 when loading; torchvision and MMDetection keep
+the values, and so do we, so a box has the same numbers here, in COCO's [x, y, w, h] and in
+YOLO's normalised centres). ``write_voc`` writes each coordinate as the shortest decimal that
+reads back to the same float32, so VOC -> X -> VOC reproduces every box exactly.
+"""
 
 from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from detectors.data.records import BadSampleError, Record, SkipCounter, clean_boxes
+from detectors.data.formats.common import (
+    MALFORMED,
+    MISSING_ANNOTATION,
+    UNKNOWN_CLASS,
+    AnnotationChecks,
+    ImageError,
+    image_size,
+    read_image,
+)
+from detectors.data.records import BadSampleError, Record
 
 log = logging.getLogger(__name__)
-
-# VOC pixel coordinates are 1-based (the devkit subtracts 1 when loading); we keep the xml
-# values as continuous coordinates, as torchvision's and MMDetection's VOC loaders do.
 
 
 def parse_voc_xml(path: Path) -> dict:
     """Read one VOC annotation: {'filename', 'width', 'height', 'objects': [(name, [x1,y1,x2,y2], difficult)]}.
 
+    A missing or non-positive <size> gives width = height = 0 (the caller reads the image header).
     Raises BadSampleError with the reason for a malformed file.
     """
     try:
@@ -29,8 +42,8 @@ def parse_voc_xml(path: Path) -> dict:
         raise BadSampleError(f"malformed XML ({e})") from None
     try:
         size = root.find("size")
-        width = int(float(size.findtext("width")))  # type: ignore[union-attr, arg-type]
-        height = int(float(size.findtext("height")))  # type: ignore[union-attr, arg-type]
+        width = int(float(size.findtext("width", "0"))) if size is not None else 0
+        height = int(float(size.findtext("height", "0"))) if size is not None else 0
         objects = []
         for obj in root.iter("object"):
             bb = obj.find("bndbox")
@@ -38,95 +51,129 @@ def parse_voc_xml(path: Path) -> dict:
             objects.append((obj.findtext("name", "").strip(), box, obj.findtext("difficult", "0").strip() == "1"))
     except (AttributeError, TypeError, ValueError) as e:
         raise BadSampleError(f"malformed annotation ({type(e).__name__}: {e})") from None
-    return {"filename": root.findtext("filename", ""), "width": width, "height": height, "objects": objects}
+    return {"filename": (root.findtext("filename") or "").strip(), "width": max(width, 0),
+            "height": max(height, 0), "objects": objects}
 
 
 class VOCSource:
-    """A VOC-layout folder.
+    """One VOC-layout folder, or several concatenated (VOC07+12: ``root=[VOC2007, VOC2012]``).
 
     Args:
-        root: folder holding Annotations/, JPEGImages/ and ImageSets/Main/.
+        root: folder holding Annotations/, JPEGImages/ and ImageSets/Main/, or a list of them.
+            A split reads its image set from every root that has it (VOC2012 has no test.txt,
+            so ``test: test`` reads VOC2007's alone); it is an error when none has it.
         classes: class names in label order; None reads them from the annotations of all splits
             (sorted, logged at start).
         splits: our split name -> image-set file name, e.g. {'train': 'trainval', 'test': 'test'}.
-        on_bad_sample: 'skip' (warn, count, go on) or 'raise'.
+        on_bad_sample: 'skip' (warn, count, go on) or 'raise'; see ``formats.common``.
         min_box_size: boxes narrower or lower than this (pixels, after clipping) are dropped.
+
+    Record.image_id numbers the images of a split 0..N-1 across all roots, so ids are unique.
     """
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | Sequence[str | Path],
         classes: Sequence[str] | None = None,
         splits: Mapping[str, str] | None = None,
         on_bad_sample: str = "skip",
         min_box_size: float = 1.0,
     ):
-        self.root = Path(root).expanduser()
+        roots = [root] if isinstance(root, (str, Path)) else list(root)
+        if not roots:
+            raise ValueError("data.root is an empty list: give one VOC folder or several")
+        self.roots = [Path(r).expanduser() for r in roots]
+        self.root = self.roots[0]
         self.splits = dict(splits or {"train": "train", "val": "val", "test": "test"})
-        if on_bad_sample not in ("skip", "raise"):
-            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
+        self.checks = AnnotationChecks(on_bad_sample, min_box_size)
         self.on_bad_sample = on_bad_sample
         self.min_box_size = min_box_size
-        self.skips = SkipCounter()
-        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-            if not (self.root / sub).is_dir():
-                raise FileNotFoundError(
-                    f"VOC root {self.root} has no {sub}/ folder: expected Annotations/, JPEGImages/ and "
-                    "ImageSets/Main/{train,val,test}.txt (set data.root=...)"
-                )
-        self._parsed: dict[str, dict | None] = {}
+        self.skips = self.checks.skips
+        for r in self.roots:
+            for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+                if not (r / sub).is_dir():
+                    raise FileNotFoundError(
+                        f"VOC root {r} has no {sub}/ folder: expected Annotations/, JPEGImages/ and "
+                        "ImageSets/Main/{train,val,test}.txt (set data.root=...)"
+                    )
+        self._parsed: dict[Path, dict | BadSampleError] = {}
         self.classes = list(classes) if classes else self._discover_classes()
 
-    def _ids(self, split: str) -> list[str]:
+    def _ids(self, split: str) -> list[tuple[Path, str]]:
+        """(root, image id) of every image of ``split``, in image-set order, roots in order."""
         name = self.splits.get(split)
         if name is None:
             raise KeyError(f"no image set configured for split {split!r} (have {sorted(self.splits)})")
-        path = self.root / "ImageSets" / "Main" / f"{name}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"image set {path} not found for split {split!r}")
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        paths = [r / "ImageSets" / "Main" / f"{name}.txt" for r in self.roots]
+        found = [p for p in paths if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"image set {name}.txt for split {split!r} not found; looked for: "
+                                    + ", ".join(str(p) for p in paths))
+        if len(found) < len(paths):
+            log.info("split %r reads %s (the other roots have no %s.txt)", split, [str(p) for p in found], name)
+        ids = []
+        for path in found:
+            root = path.parents[2]
+            ids += [(root, line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
         if not ids:
-            raise ValueError(f"image set {path} for split {split!r} is empty")
+            raise ValueError(f"image set {name}.txt for split {split!r} is empty: " + ", ".join(map(str, found)))
         return ids
 
-    def _parse(self, image_id: str) -> dict | None:
-        if image_id not in self._parsed:
-            path = self.root / "Annotations" / f"{image_id}.xml"
-            try:
-                self._parsed[image_id] = parse_voc_xml(path)
-            except BadSampleError as e:
-                if self.on_bad_sample == "raise":
-                    raise BadSampleError(f"{path}: {e}") from None
-                self.skips.skip(str(path), str(e))
-                self._parsed[image_id] = None
-        return self._parsed[image_id]
+    def _parse(self, xml: Path) -> dict | BadSampleError:
+        """The parsed annotation, or the error that describes why it cannot be used (cached)."""
+        if xml not in self._parsed:
+            if not xml.is_file():
+                self._parsed[xml] = BadSampleError(MISSING_ANNOTATION)
+            else:
+                try:
+                    self._parsed[xml] = parse_voc_xml(xml)
+                except BadSampleError as e:
+                    self._parsed[xml] = e
+        return self._parsed[xml]
 
     def _discover_classes(self) -> list[str]:
         names: set[str] = set()
         for split in self.splits:
-            for image_id in self._ids(split):
-                ann = self._parse(image_id)
-                if ann:
+            try:
+                ids = self._ids(split)
+            except (FileNotFoundError, ValueError):
+                continue  # a missing split fails when it is used, with the same message
+            for root, image_id in ids:
+                ann = self._parse(root / "Annotations" / f"{image_id}.xml")
+                if isinstance(ann, dict):
                     names.update(name for name, _, _ in ann["objects"])
         classes = sorted(names)
-        log.info("classes read from the annotations of %s: %s", self.root, classes)
+        log.info("classes read from the annotations of %s: %s", ", ".join(map(str, self.roots)), classes)
         return classes
 
     def records(self, split: str) -> list[Record]:
         index = {name: i for i, name in enumerate(self.classes)}
+        entries = [(root, i, root / "Annotations" / f"{i}.xml") for root, i in self._ids(split)]
+        # unusable files first: with on_bad_sample=raise the first error then names a file, not a box
+        usable = []
+        for root, image_id, xml in entries:
+            ann = self._parse(xml)
+            if isinstance(ann, BadSampleError):
+                kind = MISSING_ANNOTATION if str(ann) == MISSING_ANNOTATION else MALFORMED
+                self.checks.bad(kind, str(xml), "" if kind == MISSING_ANNOTATION else str(ann))
+            else:
+                usable.append((root, image_id, xml, ann))
         records = []
-        for image_id in self._ids(split):
-            ann = self._parse(image_id)
-            if ann is None:
-                continue
-            filename = ann["filename"] or f"{image_id}.jpg"
-            path = self.root / "JPEGImages" / filename
+        for root, image_id, xml, ann in usable:
+            path = root / "JPEGImages" / (ann["filename"] or f"{image_id}.jpg")
             if not path.is_file():
-                path = self.root / "JPEGImages" / f"{image_id}.jpg"
+                path = root / "JPEGImages" / f"{image_id}.jpg"
+            width, height = ann["width"], ann["height"]
+            if width <= 0 or height <= 0:  # no <size>: the image header has it
+                try:
+                    width, height = image_size(path)
+                except ImageError as e:
+                    self.checks.bad(MALFORMED, str(xml), f"no image size, and {e}")
+                    continue
             boxes, labels, difficult = [], [], []
             for name, box, diff in ann["objects"]:
                 if name not in index:
-                    self.skips.skip(f"object {name!r} in {image_id}.xml", "class not in the class list")
+                    self.checks.bad(UNKNOWN_CLASS, f"object {name!r} in {xml}")
                     continue
                 boxes.append(box)
                 labels.append(index[name])
@@ -134,19 +181,62 @@ class VOCSource:
             record = Record(
                 image_id=len(records),
                 file=str(path),
-                width=ann["width"],
-                height=ann["height"],
+                width=width,
+                height=height,
                 boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
                 labels=np.array(labels, dtype=np.int64),
                 difficult=np.array(difficult, dtype=bool),
             )
-            records.append(clean_boxes(record, self.skips, self.min_box_size))
+            records.append(record)
+        records = self.checks.finish(records)
         if not records:
-            raise ValueError(f"split {split!r} of {self.root} has no usable images")
+            raise ValueError(f"split {split!r} of {', '.join(map(str, self.roots))} has no usable images")
         return records
 
     def load(self, record: Record) -> tuple[np.ndarray, Record]:
-        image = cv2.imread(record.file, cv2.IMREAD_COLOR)
-        if image is None:
-            raise BadSampleError(f"unreadable or missing image {record.file}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), record
+        return read_image(record.file, (record.width, record.height)), record
+
+
+def _number(value: float) -> str:
+    """The shortest decimal that reads back to the same float32 ('260', '10.3')."""
+    return np.format_float_positional(np.float32(value), trim="-")
+
+
+def write_voc(
+    dst: Path,
+    splits: Mapping[str, list[Record]],
+    classes: Sequence[str],
+    place_image: Callable[[Record, Path], str],
+) -> None:
+    """Write records as a VOC folder: Annotations/<id>.xml, JPEGImages/, ImageSets/Main/<split>.txt.
+
+    place_image(record, folder) puts the record's image into ``folder`` and returns its file
+    name there (unique within the folder); the image id is that name without its suffix.
+    """
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for split, records in splits.items():
+        ids = []
+        for record in records:
+            name = place_image(record, dst / "JPEGImages")
+            image_id = Path(name).stem
+            ids.append(image_id)
+            ann = ET.Element("annotation")
+            ET.SubElement(ann, "folder").text = "JPEGImages"
+            ET.SubElement(ann, "filename").text = name
+            size = ET.SubElement(ann, "size")
+            for key, value in (("width", record.width), ("height", record.height), ("depth", 3)):
+                ET.SubElement(size, key).text = str(int(value))
+            ET.SubElement(ann, "segmented").text = "0"
+            for box, label, diff in zip(record.boxes, record.labels, record.difficult):
+                obj = ET.SubElement(ann, "object")
+                ET.SubElement(obj, "name").text = classes[int(label)]
+                ET.SubElement(obj, "pose").text = "Unspecified"
+                ET.SubElement(obj, "truncated").text = "0"
+                ET.SubElement(obj, "difficult").text = str(int(diff))
+                bb = ET.SubElement(obj, "bndbox")
+                for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+                    ET.SubElement(bb, key).text = _number(value)
+            ET.indent(ann)
+            ET.ElementTree(ann).write(dst / "Annotations" / f"{image_id}.xml", encoding="unicode")
+        (dst / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
