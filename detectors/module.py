@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from detectors.boxes import scale_boxes
+from detectors.data.batch_ops import BatchMixup, MultiScale
 from detectors.detector import Detector
 from detectors.evaluation.coco import COCOMeanAP
 from detectors.evaluation.voc import VOCMeanAP
@@ -37,6 +39,10 @@ class DetectionModule(L.LightningModule):
         channels_last: NHWC memory format, faster convolutions on tensor cores and oneDNN.
         run_config: the run's resolved configuration as YAML (a string: Hydra would instantiate a dict),
             stored in checkpoints so evaluate.py can rebuild the model.
+        mixup: ``BatchMixup`` arguments {prob, alpha, seed}; None or prob 0: off.
+        multiscale: ``MultiScale`` arguments {sizes, every_n_batches, seed}; None or no sizes: off.
+            Both act on training batches only, on the device (see ``on_after_batch_transfer``);
+            plain mappings, so the checkpoint's hyperparameters stay loadable with weights_only.
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class DetectionModule(L.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
         channels_last: bool = True,
         run_config: str | None = None,
+        mixup: Mapping[str, Any] | None = None,
+        multiscale: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["detector", "optimizer", "scheduler"])
@@ -69,14 +77,61 @@ class DetectionModule(L.LightningModule):
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
         self._rng_to_restore: dict | None = None
+        self.mixup = BatchMixup(**mixup) if mixup and mixup.get("prob", 0) > 0 else None
+        self.multiscale = MultiScale(**multiscale) if multiscale and multiscale.get("sizes") else None
+        if self.multiscale is not None:
+            self._check_input_size(self.multiscale.smallest)
+        self._batches_seen = 0  # the batch counter when no trainer runs the module
+
+    def _check_input_size(self, size: tuple[int, int]) -> None:
+        """Fail now, with the reason, if the network cannot take inputs of ``size`` (SSD300's extras
+        need >= 257 px), instead of with a shape error in the middle of an epoch. The forward runs on
+        the meta device (shapes only, no arithmetic, about 0.05 s)."""
+        tensors = {**dict(self.detector.named_parameters()), **dict(self.detector.named_buffers())}
+        meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+        was_training = self.detector.training
+        try:
+            self.detector.eval()  # BatchNorm in training mode refuses a batch of one 1x1 map
+            functional_call(self.detector, meta, (torch.empty(1, 3, *size, device="meta"),))
+        except NotImplementedError:
+            log.debug("an op of the detector has no meta kernel; input size %s not checked", size)
+        except RuntimeError as e:
+            raise ValueError(
+                f"multiscale size {size} is too small for this detector ({str(e).splitlines()[0]}); "
+                "SSD300 needs inputs of at least 257 px"
+            ) from None
+        finally:
+            self.detector.train(was_training)
 
     # ---- data on the device -------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """uint8 images travel (4x fewer bytes than float); normalise here, on the device."""
-        images = (batch["images"].float() - self.mean) / self.std
+        """uint8 images travel (4x fewer bytes than float); normalise here, on the device. Training
+        batches then get mixup and the multi-scale resize (boxes with them); evaluation batches
+        stay at ``input_size``."""
+        batch = {**batch, "images": (batch["images"].float() - self.mean) / self.std}
+        if (self.mixup is not None or self.multiscale is not None) and self._is_training_batch():
+            step = self._batch_counter()
+            if self.mixup is not None:
+                batch = self.mixup(batch, step)
+            if self.multiscale is not None:
+                batch = self.multiscale(batch, step)
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return {**batch, "images": images}
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _is_training_batch(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer.training) if trainer is not None else self.training
+
+    def _batch_counter(self) -> int:
+        """Index of this training batch over the whole run, which seeds the batch-level draws. Under a
+        trainer: Lightning's count of batches fetched so far (restored from checkpoints, so exact
+        resume holds); without one (tests, benchmarks): calls so far."""
+        trainer = self._trainer
+        if trainer is not None:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        self._batches_seen += 1
+        return self._batches_seen - 1
 
     def forward(self, images: Tensor) -> Any:
         return self.detector(images)
@@ -94,7 +149,11 @@ class DetectionModule(L.LightningModule):
         losses = self.detector.loss(raw, batch, tuple(images.shape[-2:]))
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
+        # per-epoch counts of what the data path dropped (unreadable images, boxes lost to augmentation)
         self.log("train/skipped_samples", batch["num_skipped"].float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        if "num_dropped_boxes" in batch:
+            self.log("train/dropped_boxes", batch["num_dropped_boxes"].float(), reduce_fx="sum", on_step=False,
+                     on_epoch=True)
         return losses["loss"]
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -113,6 +172,7 @@ class DetectionModule(L.LightningModule):
                     "boxes": scale_boxes(batch["boxes"][i][m], size, orig[i]),
                     "labels": batch["labels"][i][m],
                     "difficult": batch["difficult"][i][m],
+                    "iscrowd": batch["iscrowd"][i][m],
                 }
             )
         return preds, targets

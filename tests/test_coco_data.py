@@ -145,6 +145,11 @@ def test_crowd_and_empty_images(tmp_path):
     np.testing.assert_array_equal(r2.boxes, [[5.5, 6.25, 13.25, 14.75]])
     assert r2.difficult.tolist() == [True]  # VOC's difficult flag as write_coco carries it
     assert len(r3.boxes) == 0 and r3.image_id == 3  # an image without annotations is kept
+    # crowd reaches the batch (for COCO AP's crowd rule), difficult alone does not make a crowd
+    assert r1.iscrowd.tolist() == [False, True] and r2.iscrowd.tolist() == [False]
+    ds = DetectionDataset(source, [r1, r2, r3], build_transform("none", (32, 32)))
+    batch = collate_detection([ds[i] for i in range(3)])
+    assert batch["iscrowd"].tolist() == [[False, True], [False, False], [False, False]]
 
 
 def test_bad_input_is_skipped_counted_and_named(tmp_path, caplog):
@@ -184,7 +189,10 @@ def test_bad_input_is_skipped_counted_and_named(tmp_path, caplog):
     assert [item is None for item in items] == [False, False, True, True]  # unreadable 3.jpg, missing 4.jpg
     batch = collate_detection(items)
     assert batch["num_skipped"].item() == 2 and batch["image_ids"].tolist() == [1, 2]
-    assert any("3.jpg" in k for k in ds.skips.counts) and any("4.jpg" in k for k in ds.skips.counts)
+    # counted by kind; each warning line names its file
+    assert sum(ds.skips.counts.values()) == 2 and ds.skips.counts["missing image file"] == 1
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "3.jpg" in messages and "4.jpg" in messages
 
     with pytest.raises(BadSampleError, match=r"images\[4\]"):
         COCOSource(tmp_path, splits={"train": "train"}, on_bad_sample="raise").records("train")

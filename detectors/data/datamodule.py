@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from detectors.data.cache import RAMCache
 from detectors.data.dataset import DetectionDataset, EpochSampler, collate_detection
 from detectors.data.records import Source
 from detectors.data.transforms import build_transform
@@ -26,6 +27,9 @@ class DetectionDataModule(L.LightningDataModule):
             evaluation always uses the 'none' preset (resize only).
         batch_size, num_workers: loader settings (eval loaders use ``eval_batch_size``).
         on_bad_sample: 'skip' (count and warn) or 'raise'.
+        cache: 'none' (decode every image from disk when it is used) or 'ram' (decode each split
+            once, when its loader is first made, and serve the decoded images from memory to every
+            worker and epoch; for small datasets such as BCCD, see ``RAMCache``).
         root, splits, classes: the source's settings, repeated here so users set them as
             ``data.root=...``; ``classes``, when given, must equal the source's.
     """
@@ -44,8 +48,11 @@ class DetectionDataModule(L.LightningDataModule):
         pin_memory: bool = True,  # only where a GPU is present
         on_bad_sample: str = "skip",
         seed: int = 0,
+        cache: str = "none",
     ):
         super().__init__()
+        if cache not in ("none", "ram"):
+            raise ValueError(f"data.cache must be 'none' or 'ram', got {cache!r}")
         self.source = source
         if classes is not None and list(classes) != list(source.classes):
             raise ValueError(f"data.classes {list(classes)} differ from the source's {source.classes}")
@@ -59,6 +66,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self.cache = cache
         self._datasets: dict[str, DetectionDataset] = {}
 
     @property
@@ -73,7 +81,8 @@ class DetectionDataModule(L.LightningDataModule):
                 transform = build_transform("none", size=self.input_size, seed=self.seed)
             records = self.source.records(split)
             log.info("%s split: %d images", split, len(records))
-            self._datasets[split] = DetectionDataset(self.source, records, transform, self.on_bad_sample, self.seed)
+            source = RAMCache(self.source, records) if self.cache == "ram" else self.source
+            self._datasets[split] = DetectionDataset(source, records, transform, self.on_bad_sample, self.seed)
         return self._datasets[split]
 
     def _current_epoch(self) -> int:

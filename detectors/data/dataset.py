@@ -22,7 +22,9 @@ class DetectionDataset(Dataset):
 
     The target holds ``boxes`` (N, 4) float32 xyxy in pixels of the transformed image,
     ``labels`` (N,) int64, ``difficult`` (N,) bool, ``weights`` (N,) float32 (1 unless mixup),
-    ``image_id`` and ``orig_size`` (H0, W0) of the file, which evaluation maps predictions back to.
+    ``image_id``, ``orig_size`` (H0, W0) of the file, which evaluation maps predictions back to, and
+    ``num_dropped``: boxes of the record the augmentation dropped (cropped out, or shrunk under the
+    minimum size), summed per batch by the collate so the module can log them.
 
     An unreadable sample returns None with ``on_bad_sample='skip'`` (the collate drops it and it is
     counted), or raises with 'raise'.
@@ -56,7 +58,7 @@ class DetectionDataset(Dataset):
         except BadSampleError as e:
             if self.on_bad_sample == "raise":
                 raise
-            self.skips.skip(record.file, str(e))
+            self.skips.skip(record.file, getattr(e, "kind", None) or "unreadable image", str(e))
             return None
         out = self.transform(image=image, bboxes=record.boxes, box_index=np.arange(len(record.boxes)))
         keep = np.asarray(out["box_index"], dtype=np.int64)
@@ -65,9 +67,11 @@ class DetectionDataset(Dataset):
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(record.labels[keep]),
             "difficult": torch.from_numpy(record.difficult[keep]),
+            "iscrowd": torch.from_numpy(record.iscrowd[keep]),
             "weights": torch.ones(len(keep)),
             "image_id": record.image_id,
             "orig_size": image.shape[:2],
+            "num_dropped": len(record.boxes) - len(keep),
         }
         return torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1), target
 
@@ -104,9 +108,10 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
     Returns a dict of batch-first tensors (one host-to-device copy each):
         images (B, 3, H, W) uint8 (normalised on the device),
         boxes (B, M, 4) float32 xyxy, labels (B, M) int64 (-1 = padding), mask (B, M) bool,
-        difficult (B, M) bool, weights (B, M) float32 (0 = padding),
+        difficult (B, M) bool, iscrowd (B, M) bool, weights (B, M) float32 (0 = padding),
         image_ids (B,) int64, orig_sizes (B, 2) int64 (H0, W0),
-        num_skipped () int64: samples of this batch dropped as unreadable.
+        num_skipped () int64: samples of this batch dropped as unreadable,
+        num_dropped_boxes () int64: boxes the augmentation dropped from this batch's images.
     """
     samples = [s for s in batch if s is not None]
     num_skipped = len(batch) - len(samples)
@@ -121,10 +126,12 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
         "labels": torch.full((size, max_boxes), -1, dtype=torch.long),
         "mask": torch.zeros(size, max_boxes, dtype=torch.bool),
         "difficult": torch.zeros(size, max_boxes, dtype=torch.bool),
+        "iscrowd": torch.zeros(size, max_boxes, dtype=torch.bool),
         "weights": torch.zeros(size, max_boxes),
         "image_ids": torch.tensor([t["image_id"] for t in targets], dtype=torch.long),
         "orig_sizes": torch.tensor([t["orig_size"] for t in targets], dtype=torch.long),
         "num_skipped": torch.tensor(num_skipped),
+        "num_dropped_boxes": torch.tensor(sum(int(t.get("num_dropped", 0)) for t in targets)),
     }
     for i, t in enumerate(targets):
         n = len(t["labels"])
@@ -132,5 +139,6 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
         out["labels"][i, :n] = t["labels"]
         out["mask"][i, :n] = True
         out["difficult"][i, :n] = t["difficult"]
+        out["iscrowd"][i, :n] = t["iscrowd"]
         out["weights"][i, :n] = t["weights"]
     return out

@@ -26,6 +26,8 @@ class Record:
     boxes: (N, 4) float32 xyxy in absolute pixels of the original image.
     labels: (N,) int64 in 0..C-1.
     difficult: (N,) bool; kept for evaluation (VOC ignores them), never trained on as negatives.
+    iscrowd: (N,) bool; COCO crowd regions (also marked difficult, so no head trains on them);
+        the COCO metric scores them with crowd semantics.
     """
 
     image_id: int
@@ -35,6 +37,7 @@ class Record:
     boxes: np.ndarray
     labels: np.ndarray
     difficult: np.ndarray = field(default=None)  # type: ignore[assignment]
+    iscrowd: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -42,6 +45,9 @@ class Record:
         if self.difficult is None:
             self.difficult = np.zeros(len(self.labels), dtype=bool)
         self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
+        if self.iscrowd is None:
+            self.iscrowd = np.zeros(len(self.labels), dtype=bool)
+        self.iscrowd = np.asarray(self.iscrowd, dtype=bool).reshape(-1)
 
 
 class Source(Protocol):
@@ -66,9 +72,10 @@ class SkipCounter:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def skip(self, where: str, reason: str) -> None:
+    def skip(self, where: str, reason: str, detail: str = "") -> None:
+        """Count one skip under ``reason`` (a kind, so the summary reads "3 truncated image")."""
         self.counts[reason] += 1
-        log.warning("skipped %s: %s", where, reason)
+        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
 
     def summary(self) -> str:
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "nothing skipped"

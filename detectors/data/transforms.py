@@ -3,6 +3,11 @@
 Boxes travel as ``pascal_voc`` (xyxy pixels). A box index rides along as the only label field,
 so labels, difficult flags and per-box weights of the surviving boxes are picked up afterwards
 with one indexing operation, whatever the transforms dropped.
+
+At the end of the pipeline albumentations clips the boxes to the image and drops those left with
+less than ``min_visibility`` of their area or narrower / lower than ``min_box_size`` pixels, so
+what comes out is always inside the image and at least ``min_box_size`` wide and high. The dataset
+counts what was dropped.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
-from albumentations.core.transforms_interface import BaseTransformInitSchema
 import cv2
 import numpy as np
-
 import torch
+from albumentations.core.transforms_interface import BaseTransformInitSchema
 from torchvision.ops import box_iou
+
+PRESETS = ("ssd", "yolo", "none")
 
 
 class ZoomOut(A.Pad):
@@ -44,11 +50,16 @@ class ZoomOut(A.Pad):
 class MinIoURandomCrop(A.augmentations.crops.transforms.BaseCrop):
     """SSD's patch sampling (Liu et al. 2016, sec. 2.2 "Data augmentation").
 
-    Each call picks one of: the whole image, or a patch whose minimum IoU with the objects is
-    0.1, 0.3, 0.5, 0.7 or 0.9, of 0.3 to 1 times the image side and aspect ratio 1/2 to 2, whose
-    centre region holds at least one object centre (up to ``max_trials`` samples, else the whole
-    image). Boxes crossing the border are clipped by the pipeline; those left with less than
-    ``min_visibility`` of their area are dropped there.
+    Each call picks one of: the whole image; a free random patch (``min_iou`` 0); or a patch that
+    overlaps an object with IoU >= 0.1, 0.3, 0.5, 0.7 or 0.9. A patch is 0.3 to 1 times the image
+    side, of aspect ratio 1/2 to 2, and must hold at least one object centre; the IoU condition is
+    on the objects whose centre it holds (the best of them), as the Caffe original and torchvision's
+    ``RandomIoUCrop`` do. Requiring it of *every* object (MMDetection's reading) rejects nearly all
+    patches of an image with many spread-out objects: on BCCD (about 20 cells per image) the crop
+    then practically never happened. All ``max_trials`` candidates are drawn at once (one IoU
+    matrix), the first that qualifies wins; none qualifying gives the whole image. Boxes crossing the
+    border are clipped by the pipeline; those left with less than ``min_visibility`` of their area
+    are dropped there.
     """
 
     class InitSchema(BaseTransformInitSchema):
@@ -56,7 +67,7 @@ class MinIoURandomCrop(A.augmentations.crops.transforms.BaseCrop):
         min_scale: float
         max_trials: int
 
-    def __init__(self, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), min_scale: float = 0.3,
+    def __init__(self, min_ious: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9), min_scale: float = 0.3,
                  max_trials: int = 50, p: float = 1.0):
         super().__init__(p=p)
         self.min_ious = tuple(min_ious)
@@ -66,34 +77,54 @@ class MinIoURandomCrop(A.augmentations.crops.transforms.BaseCrop):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         whole = {"crop_coords": (0, 0, width, height)}
-        bboxes = np.asarray(data.get("bboxes", np.zeros((0, 4))))[:, :4] * [width, height, width, height]
-        mode = self.py_random.choice((None,) + self.min_ious)
+        bboxes = np.asarray(data.get("bboxes", []), dtype=np.float64)
+        # albumentations keeps boxes normalised inside, label fields as extra columns
+        bboxes = bboxes[:, :4] * [width, height, width, height] if bboxes.size else np.zeros((0, 4))
+        mode = self.py_random.choice((None, *self.min_ious))
         if mode is None or len(bboxes) == 0:
             return whole
-        centres = (bboxes[:, :2] + bboxes[:, 2:]) / 2
-        for _ in range(self.max_trials):
-            w = self.py_random.uniform(self.min_scale * width, width)
-            h = self.py_random.uniform(self.min_scale * height, height)
-            if not 0.5 <= h / w <= 2:
-                continue
-            x1 = self.py_random.uniform(0, width - w)
-            y1 = self.py_random.uniform(0, height - h)
-            patch = np.array([[x1, y1, x1 + w, y1 + h]])
-            if box_iou(torch.from_numpy(patch), torch.from_numpy(bboxes)).min() < mode:
-                continue
-            inside = (centres[:, 0] > x1) & (centres[:, 1] > y1) & (centres[:, 0] < x1 + w) & (centres[:, 1] < y1 + h)
-            if inside.any():
-                return {"crop_coords": (int(x1), int(y1), int(x1 + w), int(y1 + h))}
-        return whole
+        rng, n = self.random_generator, self.max_trials
+        w = rng.uniform(self.min_scale * width, width, n)
+        h = rng.uniform(self.min_scale * height, height, n)
+        # integer patches (what is cut), at least one pixel wide and high
+        left = (rng.uniform(0, 1, n) * (width - w)).astype(np.int64)
+        top = (rng.uniform(0, 1, n) * (height - h)).astype(np.int64)
+        right = np.maximum(left + 1, (left + w).astype(np.int64)).clip(max=width)
+        bottom = np.maximum(top + 1, (top + h).astype(np.int64)).clip(max=height)
+        patches = np.stack([left, top, right, bottom], 1).astype(np.float64)  # (T, 4)
+
+        centres = (bboxes[:, :2] + bboxes[:, 2:]) / 2  # (N, 2)
+        inside = ((centres[None, :, 0] > patches[:, None, 0]) & (centres[None, :, 1] > patches[:, None, 1])
+                  & (centres[None, :, 0] < patches[:, None, 2]) & (centres[None, :, 1] < patches[:, None, 3]))
+        iou = box_iou(torch.from_numpy(patches), torch.from_numpy(bboxes)).numpy()  # (T, N)
+        best = np.where(inside, iou, -1.0).max(1)
+        ratio = h / w
+        ok = (ratio >= 0.5) & (ratio <= 2.0) & inside.any(1) & (best >= mode)
+        if not ok.any():
+            return whole
+        t = int(np.argmax(ok))
+        return {"crop_coords": (int(left[t]), int(top[t]), int(right[t]), int(bottom[t]))}
 
 
-def photometric(strength: float = 1.0) -> list[A.BasicTransform]:
-    """SSD's photometric distortions: brightness, contrast, saturation, hue (each with p 0.5)."""
+def ssd_photometric() -> list[A.BasicTransform]:
+    """SSD's photometric distortions, each applied with probability 1/2 (ssd.pytorch's
+    ``PhotometricDistort`` without the channel swap): brightness +-32, contrast x[0.5, 1.5],
+    saturation x[0.5, 1.5] (torchvision's definition: a blend with the grey image, not a scaling of
+    HSV's S), hue +-18 degrees.
+
+    ``ColorJitter``'s hue is a fraction of the colour circle, the same for every image dtype
+    (``HueSaturationValue``'s shift is in OpenCV's 0..179 units for uint8, 2 degrees each)."""
     return [
-        A.RandomBrightnessContrast(brightness_limit=0.125 * strength, contrast_limit=0.5 * strength, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=int(18 * strength), sat_shift_limit=int(40 * strength),
-                             val_shift_limit=0, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.0, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5),
+        A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.5, hue=0.0, p=0.5),
+        A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.0, hue=18 / 360, p=0.5),
     ]
+
+
+def yolo_hsv(hue: float, saturation: float, value: float) -> A.BasicTransform:
+    """YOLO's HSV jitter (gains ``1 +- gain`` on saturation and value, ``+- hue`` of the colour circle)."""
+    return A.ColorJitter(brightness=value, contrast=0.0, saturation=saturation, hue=hue, p=1.0)
 
 
 def build_transform(
@@ -106,11 +137,28 @@ def build_transform(
     min_visibility: float = 0.25,
     min_box_size: float = 1.0,
     seed: int | None = None,
+    scale_range: Sequence[float] = (0.5, 1.5),
+    translate: float = 0.1,
+    hsv_gains: Sequence[float] = (0.015, 0.7, 0.4),
 ) -> A.Compose:
-    """The augmentation pipeline of ``preset`` ending in a resize to ``size`` = (H, W).
+    """The augmentation pipeline of ``preset`` producing images of ``size`` = (H, W).
 
-    Presets: 'ssd' (photometric, zoom-out, min-IoU crop, flip), 'none' (resize only, for evaluation).
-    Call it as ``t(image=..., bboxes=(N,4) xyxy, box_index=np.arange(N))``.
+    Presets:
+        'ssd': zoom-out (``zoom_out_max_scale``, ``zoom_out_prob``, canvas ``fill``), min-IoU random
+            crop, resize, horizontal flip (``flip_prob``), photometric distortion. The distortions
+            are per pixel, so they run last, on the small image; the one difference from the paper's
+            order is that the zoom-out canvas gets distorted too.
+        'yolo': letterbox resize (aspect kept, padded with ``fill``), random scale (``scale_range``)
+            and translation (+-``translate`` of the side) in one affine warp, HSV jitter
+            (``hsv_gains`` = hue, saturation, value as in YOLOv5's hyp.scratch), horizontal flip.
+            Evaluation resizes without letterbox ('none'), so a model trained with 'yolo' sees other
+            aspect ratios at evaluation on non-square images; a letterboxed evaluation needs the
+            pad offsets carried to ``DetectionModule.predict_original_frame``.
+        'none': resize only, for evaluation.
+    ``min_visibility`` and ``min_box_size`` (pixels) decide which boxes are dropped (see the module doc).
+
+    Call it as ``t(image=(H0, W0, 3) uint8, bboxes=(N, 4) xyxy, box_index=np.arange(N))``; it returns
+    the image (H, W, 3), the surviving ``bboxes`` and their ``box_index``.
     """
     height, width = int(size[0]), int(size[1])
     resize = A.Resize(height, width, interpolation=cv2.INTER_LINEAR)
@@ -120,12 +168,24 @@ def build_transform(
             MinIoURandomCrop(),
             resize,
             A.HorizontalFlip(p=flip_prob),
-            *photometric(),
+            *ssd_photometric(),
+        ]
+    elif preset == "yolo":
+        fill_value = tuple(float(f) for f in fill) if isinstance(fill, Sequence) else float(fill)
+        ops = [
+            A.LongestMaxSize(max_size_hw=(height, width), interpolation=cv2.INTER_LINEAR),
+            A.PadIfNeeded(min_height=height, min_width=width, position="center",
+                          border_mode=cv2.BORDER_CONSTANT, fill=fill_value),
+            A.Affine(scale=(float(scale_range[0]), float(scale_range[1])), keep_ratio=True,
+                     translate_percent=(-translate, translate), border_mode=cv2.BORDER_CONSTANT,
+                     fill=fill_value, p=1.0),
+            yolo_hsv(*hsv_gains),
+            A.HorizontalFlip(p=flip_prob),
         ]
     elif preset == "none":
         ops = [resize]
     else:
-        raise ValueError(f"unknown augment preset {preset!r} (have: ssd, none)")
+        raise ValueError(f"unknown augment preset {preset!r} (have: {', '.join(PRESETS)})")
     return A.Compose(
         ops,
         bbox_params=A.BboxParams(
@@ -135,6 +195,10 @@ def build_transform(
             min_width=min_box_size,
             min_height=min_box_size,
             clip=True,
+            # one filter at the end instead of one after every transform (8 in 'ssd'): the same boxes
+            # survive, since the only ops that cut boxes (crop, affine) are followed by none that
+            # cut again, and visibility is area kept over area before clipping either way
+            check_each_transform=False,
         ),
         seed=seed,
     )

@@ -13,8 +13,8 @@ by id when the class names come from the file) and back through that list: resul
 
 ``iscrowd`` regions (and objects an extra ``"difficult": 1`` key marks, as ``write_coco``
 writes VOC's difficult flag) are kept as ``difficult``: heads neither train on them as
-positives nor mine them as negatives, and VOC AP ignores them. COCO AP would ignore crowd
-regions given ``iscrowd`` targets, which records cannot carry yet.
+positives nor mine them as negatives, and VOC AP ignores them. Crowd regions also keep
+``iscrowd``, which reaches the COCO metric, so COCO AP scores them as pycocotools does.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ class COCOSource:
         owner = np.array([row_of[a["image_id"]] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        hard = np.array([bool(a.get("iscrowd", 0)) or bool(a.get("difficult", 0)) for a in anns], dtype=bool)
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+        hard = crowd | np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool)
         for cat_id, n in sorted(Counter(cats[labels < 0].tolist()).items()):  # one line per category
             self.checks.bad(UNKNOWN_CLASS, f"annotations of category {cat_id} ({by_id[cat_id]!r}) in {ann_path}",
                             count=n)
@@ -181,7 +182,8 @@ class COCOSource:
                     self.checks.bad(MALFORMED, f"image {image_id} in {ann_path}", f"no size, and {e}")
                     continue
             rows = idx[bounds[k]:bounds[k + 1]]
-            records.append(Record(int(image_id), str(path), width, height, xyxy[rows], labels[rows], hard[rows]))
+            records.append(Record(int(image_id), str(path), width, height, xyxy[rows], labels[rows], hard[rows],
+                                  crowd[rows]))
         records = self.checks.finish(records)
         if not records:
             raise ValueError(f"split {split!r} of {ann_path} has no usable images")

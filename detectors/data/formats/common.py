@@ -204,4 +204,5 @@ class AnnotationChecks:
                 sl = slice(starts[k], starts[k + 1])
                 kept = keep[sl]
                 r.boxes, r.labels, r.difficult = c[sl][kept], r.labels[kept], r.difficult[kept]
+                r.iscrowd = r.iscrowd[kept]
         return records
