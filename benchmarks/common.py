@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,22 @@ from omegaconf import open_dict
 import detectors  # noqa: F401  (resolvers)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def step_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every model benchmark takes (device, batch, size, timing, our config overrides)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=300)
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the network")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("overrides", nargs="*", help="config overrides for our model, e.g. backbone=vgg16")
+    return p
 
 
 def build_ours(overrides: list[str], num_classes: int):

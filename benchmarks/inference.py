@@ -22,7 +22,6 @@ case for NMS on both sides, and the same work for both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_ours, random_batch, time_steps  # noqa: E402
+from common import build_ours, random_batch, step_parser, time_steps  # noqa: E402
 
 
 def build_models(args, device: torch.device):
@@ -92,18 +91,7 @@ def postprocess_steps(module, model, batch: dict, args):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=300)
-    p.add_argument("--num-classes", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile on the network")
-    p.add_argument("--json", type=Path, help="write the figures here")
-    p.add_argument("overrides", nargs="*", help="config overrides for our model, e.g. backbone=vgg16")
-    args = p.parse_args(argv)
+    args = step_parser(__doc__).parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -14,8 +14,6 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import BCCD
-from detectors.data.convert import convert
 from detectors.data.dataset import DetectionDataset, collate_detection
 from detectors.data.formats.coco import COCOSource
 from detectors.data.formats.voc import parse_voc_xml
@@ -26,14 +24,10 @@ from detectors.evaluation.results import category_ids_of, coco_detections
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bccd_coco(tmp_path_factory):
-    """BCCD converted to COCO once for this module (images linked, not copied)."""
-    if not (BCCD / "Annotations").is_dir():
-        pytest.skip(f"BCCD not found at {BCCD} (set BCCD_ROOT)")
-    dst = tmp_path_factory.mktemp("bccd") / "coco"
-    convert([BCCD], dst, "voc", "coco", images="symlink")
-    return dst
+@pytest.fixture
+def bccd_coco(bccd_as):
+    """BCCD converted to COCO once per session (images linked, not copied)."""
+    return bccd_as("coco")
 
 
 def remap_ids(src: Path, dst: Path, cat_map: dict[int, int], image_id=lambda i: i * 10 + 5) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from detectors.anchors import SSDPriors
-from detectors.heads.ssd import SSDHead, SSDRaw
+from detectors.heads.ssd import SSDHead
 from detectors.losses import hard_negative_mask
 
 

@@ -1,7 +1,6 @@
 """VOC loading on BCCD (real data with real flaws) and on crafted bad input."""
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +133,15 @@ def test_epoch_sampler_is_a_permutation_seeded_by_epoch():
     epoch[0] = 1
     second = list(sampler)
     assert [i for i, _ in second] != [i for i, _ in first] and {e for _, e in second} == {1}
+
+
+def test_samplers_shard_across_processes_without_repeats():
+    from detectors.data.dataset import ShardSampler
+
+    shards = [list(EpochSampler(11, seed=3, epoch_fn=lambda: 2, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 3 for s in shards)  # equal length: no rank waits for another
+    flat = [i for s in shards for i, _ in s]
+    assert len(set(flat)) == 9 and set(flat) <= set(range(11))
+    assert [i for i, _ in EpochSampler(11, 3, lambda: 2)][:9:3] == [i for i, _ in shards[0]]  # one shared permutation
+    evals = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(i for s in evals for i in s) == list(range(11))  # every image once, none repeated

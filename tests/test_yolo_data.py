@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from conftest import BCCD
-from detectors.data.convert import convert
 from detectors.data.dataset import DetectionDataset, collate_detection
 from detectors.data.formats.voc import VOCSource
 from detectors.data.formats.yolo import YOLOSource, parse_yolo_line
@@ -22,14 +21,10 @@ from detectors.data.transforms import build_transform
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bccd_yolo(tmp_path_factory):
-    """BCCD converted to YOLO once for this module (images linked, not copied)."""
-    if not (BCCD / "Annotations").is_dir():
-        pytest.skip(f"BCCD not found at {BCCD} (set BCCD_ROOT)")
-    dst = tmp_path_factory.mktemp("bccd") / "yolo"
-    convert([BCCD], dst, "voc", "yolo", images="symlink")
-    return dst
+@pytest.fixture
+def bccd_yolo(bccd_as):
+    """BCCD converted to YOLO once per session (images linked, not copied)."""
+    return bccd_as("yolo")
 
 
 def test_bccd_as_yolo_has_the_boxes_of_the_voc_xml(bccd_yolo, monkeypatch):

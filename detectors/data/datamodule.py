@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from detectors.data.cache import RAMCache
-from detectors.data.dataset import DetectionDataset, EpochSampler, collate_detection
+from detectors.data.dataset import DetectionDataset, EpochSampler, ShardSampler, collate_detection
 from detectors.data.records import Source
 from detectors.data.transforms import build_transform
 
@@ -88,16 +88,24 @@ class DetectionDataModule(L.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _sampler(self, size: int, shuffle: bool) -> EpochSampler | ShardSampler:
+        """Our own samplers shard across DDP ranks (the trainer runs with use_distributed_sampler=False)."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if shuffle:
+            return EpochSampler(size, self.seed, self._current_epoch, rank=rank, world_size=world)
+        return ShardSampler(size, rank, world)
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         dataset = self.dataset(split)
+        sampler = self._sampler(len(dataset), shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(len(dataset), self.seed, self._current_epoch) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=shuffle and len(self.dataset(split)) > batch_size,
+            drop_last=shuffle and len(sampler) > batch_size,
             persistent_workers=self.num_workers > 0,
         )
 

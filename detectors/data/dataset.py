@@ -82,16 +82,22 @@ class EpochSampler(Sampler[tuple[int, int]]):
     Neither the order nor the augmentation then depends on the global RNG or on the number of
     workers, so a resumed run sees exactly the batches an uninterrupted one would. ``epoch_fn``
     is read when iteration starts (Lightning's current epoch, already restored on resume).
+
+    With ``world_size`` > 1 (DDP) every rank draws the same permutation and takes every
+    ``world_size``-th entry from ``rank``, cut to an equal length so no rank waits for another.
     """
 
-    def __init__(self, size: int, seed: int, epoch_fn: Callable[[], int], shuffle: bool = True):
+    def __init__(self, size: int, seed: int, epoch_fn: Callable[[], int], shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.size = size
         self.seed = seed
         self.epoch_fn = epoch_fn
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world_size if self.world_size > 1 else self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = int(self.epoch_fn())
@@ -99,7 +105,25 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         else:
             order = torch.arange(self.size)
+        order = order[self.rank :: self.world_size][: len(self)]
         return iter([(int(i), epoch) for i in order])
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order for one rank: indices ``rank, rank + world_size, ...`` with no padding.
+
+    Lightning's default DistributedSampler repeats images to even out the shards, which counts
+    them twice in mAP; the metrics sync shards of unequal size instead.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
 
 
 def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tensor]:
