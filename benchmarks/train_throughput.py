@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --device cpu --batch 2 --warmup 1 --iters 1   # smoke run
 
 Rows: ours (forward, batched matching, loss, backward, SGD step), ours with torch.compile on the
-network (--compile), torchvision's full step, and torchvision's VGG16+extras backbone alone
+network (--compile: ``model.compile=true``), torchvision's full step, and torchvision's VGG16+extras backbone alone
 (forward + backward): the floor any SSD300 step sits on.
 """
 
@@ -21,9 +21,11 @@ from common import build_ours, random_batch, step_parser, time_steps  # noqa: E4
 
 
 def ours_step(args, device, compile_net=False):
-    module = build_ours(["model=ssd300", *args.overrides], args.num_classes).to(device)
+    # compile_net: the model's own switch (model.compile=true), as a training run would use it
+    module = build_ours(["model=ssd300", *args.overrides, *(["model.compile=true"] if compile_net else [])],
+                        args.num_classes).to(device)
     module.train()
-    net = torch.compile(module.detector) if compile_net else module.detector
+    net = module.detector
     opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     batch = random_batch(args.batch, args.size, args.num_classes, args.boxes, device)
 

@@ -88,3 +88,44 @@ def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: Tensor | tup
     scale_hw = to / torch.tensor(from_size, dtype=boxes.dtype, device=boxes.device)
     scale_xyxy = torch.cat([scale_hw.flip(-1), scale_hw.flip(-1)], dim=-1)
     return boxes * scale_xyxy
+
+
+# A frame (scale_x, scale_y, pad_left, pad_top) says where a resize put an image in the network input:
+# x = x0 * scale_x + pad_left, y = y0 * scale_y + pad_top (``detectors.data.transforms.input_frame``).
+# A plain resize has no padding; a letterbox has one scale (up to rounding) and centred padding.
+
+
+def stretch_frames(orig_sizes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Frames ``(..., 4)`` of a plain resize from images of ``orig_sizes`` ``(..., 2)`` (H0, W0) to
+    ``size`` (H, W)."""
+    orig = orig_sizes.to(torch.float32)
+    scale_x, scale_y = size[1] / orig[..., 1], size[0] / orig[..., 0]
+    zero = torch.zeros_like(scale_x)
+    return torch.stack([scale_x, scale_y, zero, zero], dim=-1)
+
+
+def _frame_xyxy(frames: Tensor) -> tuple[Tensor, Tensor]:
+    scale_x, scale_y, pad_left, pad_top = frames.unbind(-1)
+    scale = torch.stack([scale_x, scale_y, scale_x, scale_y], -1)
+    return scale, torch.stack([pad_left, pad_top, pad_left, pad_top], -1)
+
+
+def boxes_to_original(boxes: Tensor, frames: Tensor, orig_sizes: Tensor) -> Tensor:
+    """(..., 4) xyxy boxes of the network input -> the original image's pixels, clipped to it.
+
+    ``frames`` ``(..., 4)`` and ``orig_sizes`` ``(..., 2)`` (H0, W0) broadcast against ``boxes[..., :4]``
+    and ``boxes[..., :2]`` (e.g. (4,) and (2,) for one image's boxes, (B, 1, 4) and (B, 1, 2) for a
+    padded batch). Boxes reaching into a letterbox's padding end at the image border.
+    """
+    scale, offset = _frame_xyxy(frames.to(device=boxes.device, dtype=boxes.dtype))
+    out = (boxes - offset) / scale
+    h0, w0 = orig_sizes.to(device=boxes.device, dtype=boxes.dtype).unbind(-1)
+    limit = torch.stack([w0, h0, w0, h0], -1)
+    return torch.minimum(out.clamp(min=0), limit)
+
+
+def boxes_to_input(boxes: Tensor, frames: Tensor) -> Tensor:
+    """(..., 4) xyxy boxes of the original image -> the network input (the inverse of
+    :func:`boxes_to_original` inside the image); ``frames`` as there."""
+    scale, offset = _frame_xyxy(frames.to(device=boxes.device, dtype=boxes.dtype))
+    return boxes * scale + offset

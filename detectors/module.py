@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,13 +12,13 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from detectors.boxes import scale_boxes
+from detectors.boxes import boxes_to_original, stretch_frames
 from detectors.data.batch_ops import BatchMixup, MultiScale
 from detectors.detector import Detector
 from detectors.evaluation.coco import COCOMeanAP
 from detectors.evaluation.voc import VOCMeanAP
 from detectors.rng import collect_rng_state, restore_rng_state
-from detectors.schedules import WarmupSchedule
+from detectors.schedules import StepPlan, WarmupSchedule
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ class DetectionModule(L.LightningModule):
         multiscale: ``MultiScale`` arguments {sizes, every_n_batches, seed}; None or no sizes: off.
             Both act on training batches only, on the device (see ``on_after_batch_transfer``);
             plain mappings, so the checkpoint's hyperparameters stay loadable with weights_only.
+        compile: ``torch.compile`` the network's forward (backbone, neck, head convolutions; in place,
+            so parameter names and checkpoints do not change): True, or ``torch.compile`` keyword
+            arguments (e.g. {mode: max-autotune}). Matching, loss and NMS stay eager (their shapes
+            change with every batch's box count). Compiling takes a minute or two at the start and
+            once more per new input size (multi-scale) and for evaluation; BENCHMARKS.md has what
+            it gains.
     """
 
     def __init__(
@@ -58,12 +65,14 @@ class DetectionModule(L.LightningModule):
         run_config: str | None = None,
         mixup: Mapping[str, Any] | None = None,
         multiscale: Mapping[str, Any] | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["detector", "optimizer", "scheduler"])
         self.detector = detector
         self.optimizer_factory = optimizer
         self.schedule = scheduler
+        self.step_plan = StepPlan()
         self.class_names = list(class_names)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.channels_last = channels_last
@@ -81,6 +90,8 @@ class DetectionModule(L.LightningModule):
         self.multiscale = MultiScale(**multiscale) if multiscale and multiscale.get("sizes") else None
         if self.multiscale is not None:
             self._check_input_size(self.multiscale.smallest)
+        if compile:
+            self.detector.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
         self._batches_seen = 0  # the batch counter when no trainer runs the module
 
     def _check_input_size(self, size: tuple[int, int]) -> None:
@@ -90,6 +101,13 @@ class DetectionModule(L.LightningModule):
         tensors = {**dict(self.detector.named_parameters()), **dict(self.detector.named_buffers())}
         meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
         was_training = self.detector.training
+
+        def refuse_empty(module: torch.nn.Module, args: Any, output: Any) -> None:
+            # torch 2.4's meta conv returns a 0x0 map where a real conv (and newer torch's meta one) raises
+            if isinstance(output, Tensor) and 0 in output.shape:
+                raise RuntimeError(f"{type(module).__name__} gives an empty map {tuple(output.shape)}")
+
+        hooks = [m.register_forward_hook(refuse_empty) for m in self.detector.modules()]
         try:
             self.detector.eval()  # BatchNorm in training mode refuses a batch of one 1x1 map
             functional_call(self.detector, meta, (torch.empty(1, 3, *size, device="meta"),))
@@ -101,6 +119,8 @@ class DetectionModule(L.LightningModule):
                 "SSD300 needs inputs of at least 257 px"
             ) from None
         finally:
+            for hook in hooks:
+                hook.remove()
             self.detector.train(was_training)
 
     # ---- data on the device -------------------------------------------------------------
@@ -158,18 +178,26 @@ class DetectionModule(L.LightningModule):
 
     # ---- evaluation ----------------------------------------------------------------------
     def predict_original_frame(self, batch: dict[str, Tensor]) -> tuple[list[dict], list[dict]]:
-        """Predictions and ground truth of a batch in each image's original pixel frame."""
+        """Predictions and ground truth of a batch in each image's original pixel frame.
+
+        Boxes go back through the inverse of each image's ``frames`` entry (stretch or letterbox alike)
+        and are clipped to the original image; a batch without ``frames`` (made by hand) was resized
+        plainly from ``orig_sizes``."""
         images = batch["images"]
         size = tuple(images.shape[-2:])
         preds = self.detector.predict(self.detector(images), size)
-        orig = batch["orig_sizes"].to(torch.float32)
+        orig = batch["orig_sizes"]
+        frames = batch.get("frames")
+        if frames is None:
+            frames = stretch_frames(orig, size)
+        gt_boxes = boxes_to_original(batch["boxes"], frames[:, None], orig[:, None])  # (B, M, 4), whole batch
         targets = []
         for i, p in enumerate(preds):
-            p["boxes"] = scale_boxes(p["boxes"], size, orig[i])
+            p["boxes"] = boxes_to_original(p["boxes"], frames[i], orig[i])
             m = batch["mask"][i]
             targets.append(
                 {
-                    "boxes": scale_boxes(batch["boxes"][i][m], size, orig[i]),
+                    "boxes": gt_boxes[i][m],
                     "labels": batch["labels"][i][m],
                     "difficult": batch["difficult"][i][m],
                     "iscrowd": batch["iscrowd"][i][m],
@@ -228,7 +256,20 @@ class DetectionModule(L.LightningModule):
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.schedule is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        scheduler = self.schedule.build(optimizer, total, max(total // epochs, 1))
+        scheduler = self.schedule.build(optimizer, self.step_plan)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """The schedule learns the run's length here, after Lightning made the training loader and
+        restored the checkpoint (see ``StepPlan``), and the current step's learning rate is set."""
+        if self.schedule is None:
+            return
+        trainer = self.trainer
+        self.step_plan.total_steps = int(trainer.estimated_stepping_batches)
+        self.step_plan.steps_per_epoch = max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            factor = self.schedule.factor(scheduler.last_epoch, self.step_plan.total_steps, self.step_plan.steps_per_epoch)
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * factor
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

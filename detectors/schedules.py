@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,7 +39,11 @@ class WarmupSchedule:
         self.milestones = list(milestones)
         self.gamma = gamma
 
-    def factor(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    def factor(self, step: int, total_steps: int | None, steps_per_epoch: int | None) -> float:
+        """The multiplier of the base learning rate at optimizer step ``step``. Before the run's length
+        is known (``total_steps`` None, see ``StepPlan``) it is the warm-up's starting factor."""
+        if total_steps is None or steps_per_epoch is None:
+            return self.warmup_factor if self.warmup_epochs > 0 else 1.0
         warmup = min(int(self.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
         if step < warmup:
             alpha = step / warmup
@@ -50,5 +55,20 @@ class WarmupSchedule:
             return self.gamma ** sum(progress >= m for m in self.milestones)
         return 1.0
 
-    def build(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int) -> LambdaLR:
-        return LambdaLR(optimizer, lambda step: self.factor(step, total_steps, steps_per_epoch))
+    def build(self, optimizer: Optimizer, plan: StepPlan) -> LambdaLR:
+        """A per-step LambdaLR reading the run's length from ``plan`` at every step."""
+        return LambdaLR(optimizer, lambda step: self.factor(step, plan.total_steps, plan.steps_per_epoch))
+
+
+@dataclass
+class StepPlan:
+    """The run's length in optimizer steps, filled in once the training loader exists.
+
+    ``configure_optimizers`` runs before Lightning restores a checkpoint's loop and loader state;
+    asking the trainer for ``estimated_stepping_batches`` there builds the training loader too early,
+    and Lightning then never restores its position (lightning issue #20550), so a mid-epoch resume
+    would restart the epoch. The module fills this in at ``on_train_start`` instead.
+    """
+
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None

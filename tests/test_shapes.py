@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detectors.data import shapes
@@ -78,6 +78,8 @@ def test_outputs_valid_default(default_samples) -> None:
 
 
 @settings(max_examples=25, deadline=None)
+# two large objects with no overlap allowed in a small image: the second must still find room
+@example(h=64, w=64, seed=0, min_objects=2, extra=0, min_size=0.25, span=3.0, max_overlap=0.0)
 @given(h=st.integers(64, 320), w=st.integers(64, 320), seed=st.integers(0, 2**31),
        min_objects=st.integers(0, 3), extra=st.integers(0, 6),
        min_size=st.floats(0.08, 0.3), span=st.floats(1.0, 3.0), max_overlap=st.floats(0.0, 0.6))

@@ -1,10 +1,12 @@
 """train.py and evaluate.py as a user runs them (subprocesses, CPU)."""
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -96,22 +98,28 @@ def test_evaluate_rejects_a_file_that_is_not_our_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}"]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers):
+    # with workers the loader starts (and prefetches) before Lightning counts the checkpoint's epoch
+    # as completed: the order of the next epoch must not be the finished one's again
+    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}",
+              f"data.num_workers={workers}"]
     run("train.py", "trainer.max_epochs=2", run_dir(tmp_path, "full"), *common)
     # the first run is planned for 2 epochs (same schedule) but stops after one, like an interrupted run
     run("train.py", "trainer.max_epochs=2", "+callbacks.stop._target_=tests.stop_callback.StopAfterEpochs",
         "+callbacks.stop.epochs=1", run_dir(tmp_path, "first"), *common)
-    out = run("train.py", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
-              run_dir(tmp_path, "resumed"), *common)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)
+    # the resumed run goes on in the first run's folder
+    out = run("train.py", "trainer.max_epochs=2", f"ckpt_path={last}", run_dir(tmp_path, "resumed"), *common)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["epoch"] == full["epoch"] == 1, out[-2000:]
     assert resumed["global_step"] == full["global_step"] == 4
     for key, value in full["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
     # and the run did train: weights moved from the first epoch's
-    first = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     key = "detector.head.cls_convs.0.weight"
     assert not torch.equal(first["state_dict"][key], full["state_dict"][key])
 
@@ -161,15 +169,44 @@ def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
     saved_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]  # checkpoints are written atomically
     assert saved_epoch in (0, 1)
 
-    run("train.py", run_dir(tmp_path, "resumed"), f"ckpt_path={last}", *common)
-    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    out = run("train.py", run_dir(tmp_path, "resumed"), f"ckpt_path={last}", *common)
+    final = torch.load(last, map_location="cpu", weights_only=True)  # the run went on in its own folder
     assert final["epoch"] == 2 and final["global_step"] == 3 * 4
-    logged = (tmp_path / "resumed" / "csv" / "metrics.csv").read_text().splitlines()
-    epochs = {line.split(",")[0] for line in logged[1:] if line.split(",")[0]}
-    assert min(map(int, epochs)) == saved_epoch + 1  # the epoch count continues
+    # one metrics.csv for the whole run: every epoch validated exactly once, steps never go back
+    with open(tmp_path / "killed" / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["epoch"]) for r in rows if r["val/map_50"]) == [0, 1, 2], out[-3000:]
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps)
+    assert "resuming in the run folder" in (tmp_path / "killed" / "train.log").read_text()
 
 
 @pytest.mark.slow
+def test_kill_mid_epoch_resumes_at_the_next_batch_with_the_same_weights(tmp_path):
+    """4 batches an epoch, last.ckpt every 2 steps: killed at step 6 (the middle of epoch 1), resumed
+    from the step-6 checkpoint, the run ends with the weights of an uninterrupted one. A loader that
+    does not keep its position would restart the epoch's order or cut the epoch short."""
+    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 8, val: 2, test: 2}",
+              "trainer.max_epochs=2", "callbacks.mid_epoch_checkpoint.every_n_train_steps=2", "data.num_workers=2"]
+    run("train.py", run_dir(tmp_path, "full"), *common)
+    out = run("train.py", run_dir(tmp_path, "killed"), "+callbacks.kill._target_=tests.stop_callback.KillAtStep",
+              "+callbacks.kill.step=6", *common, expect_ok=False)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 6), out[-2000:]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the loader's position
+
+    out = run("train.py", run_dir(tmp_path, "resumed"), f"ckpt_path={last}", *common)
+    assert "not resumable" not in out
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == full["global_step"] == 8
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging"), reason="needs lightning>=2.6")
 def test_ema_switch_keeps_averaged_weights_in_the_checkpoint(tmp_path):
     run("train.py", "callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5",
         "trainer.max_epochs=1", run_dir(tmp_path, "ema"), *TINY)

@@ -32,7 +32,8 @@ def sample_pictures(
     Args:
         pl_module: the DetectionModule (``mean``/``std`` on the 0..255 scale undo its normalisation).
         batch: the batch as the step saw it: ``images`` ``(B, 3, H, W)`` normalised float at network size,
-            ``orig_sizes`` ``(B, 2)``.
+            ``orig_sizes`` ``(B, 2)``, ``frames`` ``(B, 4)`` (where each original image lies in its
+            input; absent: plain resizes).
         outputs: ``validation_step``/``test_step`` output: ``preds`` and ``targets`` in the original frame.
         num_images: how many images to draw (from the front of the batch).
         score_threshold: predictions above it are drawn.
@@ -44,8 +45,9 @@ def sample_pictures(
     if n <= 0:
         return []
     images = denormalize(batch["images"][:n], pl_module.mean, pl_module.std)
+    frames = batch["frames"][:n].cpu() if "frames" in batch else None
     return render_samples(images, outputs["preds"][:n], outputs["targets"][:n], batch["orig_sizes"][:n].cpu(),
-                          class_names_of(pl_module), score_threshold)
+                          class_names_of(pl_module), score_threshold, frames)
 
 
 def sample_grid(

@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detectors.data.cache import RAMCache
 from detectors.data.dataset import DetectionDataset, EpochSampler, ShardSampler, collate_detection
 from detectors.data.records import Source
-from detectors.data.transforms import build_transform
+from detectors.data.transforms import EVAL_PRESETS, build_eval_transform, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ class DetectionDataModule(L.LightningDataModule):
     Args:
         source: a dataset format object with ``classes``, ``records(split)``, ``load(record)``.
         input_size: (H, W) the network sees.
-        augment: keyword arguments of ``build_transform`` for training (``preset`` = 'ssd', ...);
-            evaluation always uses the 'none' preset (resize only).
+        augment: keyword arguments of ``build_transform`` for training (``preset`` = 'ssd', ...),
+            plus ``eval_resize``: how evaluation resizes, 'stretch' (default: to ``input_size``,
+            aspect ignored) or 'letterbox' (aspect kept, padded with the augment's ``fill``, for
+            models trained letterboxed); see ``build_eval_transform``.
         batch_size, num_workers: loader settings (eval loaders use ``eval_batch_size``).
         on_bad_sample: 'skip' (count and warn) or 'raise'.
         cache: 'none' (decode every image from disk when it is used) or 'ram' (decode each split
@@ -60,6 +63,11 @@ class DetectionDataModule(L.LightningDataModule):
         self.splits = dict(splits) if splits else None
         self.input_size = tuple(int(s) for s in input_size)
         self.augment = dict(augment or {"preset": "none"})
+        # not a training option: it picks the evaluation transform (and the frame predictions map back from)
+        self.eval_resize = self.augment.pop("eval_resize", "stretch")
+        if self.eval_resize not in EVAL_PRESETS:
+            raise ValueError(f"augment.eval_resize must be one of {', '.join(EVAL_PRESETS)}, "
+                             f"got {self.eval_resize!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -77,16 +85,26 @@ class DetectionDataModule(L.LightningDataModule):
         if split not in self._datasets:
             if split == "train":
                 transform = build_transform(size=self.input_size, seed=self.seed, **self.augment)
+                resize = "stretch"  # the random geometry has no frame; targets carry the plain one, unread
             else:
-                transform = build_transform("none", size=self.input_size, seed=self.seed)
+                fill = {"fill": self.augment["fill"]} if "fill" in self.augment else {}
+                transform = build_eval_transform(self.eval_resize, self.input_size, seed=self.seed, **fill)
+                resize = self.eval_resize
             records = self.source.records(split)
             log.info("%s split: %d images", split, len(records))
             source = RAMCache(self.source, records) if self.cache == "ram" else self.source
-            self._datasets[split] = DetectionDataset(source, records, transform, self.on_bad_sample, self.seed)
+            self._datasets[split] = DetectionDataset(source, records, transform, self.on_bad_sample, self.seed,
+                                                     resize=resize)
         return self._datasets[split]
 
     def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
+        """The epoch a training iteration that starts now belongs to: Lightning's count of processed
+        epochs, which it also gives ``set_epoch``. Not ``trainer.current_epoch`` (completed epochs):
+        resuming from a checkpoint written after an epoch's last batch, the loader (and its workers'
+        prefetch) starts before Lightning counts that epoch as completed, and would replay it."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def _sampler(self, size: int, shuffle: bool) -> EpochSampler | ShardSampler:
         """Our own samplers shard across DDP ranks (the trainer runs with use_distributed_sampler=False)."""
@@ -96,9 +114,15 @@ class DetectionDataModule(L.LightningDataModule):
         return ShardSampler(size, rank, world)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        """The training loader is a ``StatefulDataLoader``: Lightning stores its position in every
+        checkpoint and restores it, so a run resumed from a mid-epoch ``last.ckpt`` goes on with the
+        next batch of that epoch (a plain DataLoader restarts the epoch's order and Lightning cuts the
+        epoch short). The position is a count of batches: the order itself is a function of
+        (seed, epoch), see ``EpochSampler``, so skipping ahead costs no image decoding."""
         dataset = self.dataset(split)
         sampler = self._sampler(len(dataset), shuffle)
-        return DataLoader(
+        loader_class = StatefulDataLoader if shuffle else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from detectors.data.records import BadSampleError, Record, SkipCounter, Source
+from detectors.data.transforms import input_frame
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,10 @@ class DetectionDataset(Dataset):
 
     The target holds ``boxes`` (N, 4) float32 xyxy in pixels of the transformed image,
     ``labels`` (N,) int64, ``difficult`` (N,) bool, ``weights`` (N,) float32 (1 unless mixup),
-    ``image_id``, ``orig_size`` (H0, W0) of the file, which evaluation maps predictions back to, and
+    ``image_id``, ``orig_size`` (H0, W0) of the file, which evaluation maps predictions back to,
+    ``frame`` (scale_x, scale_y, pad_left, pad_top): where the transform put the file's image,
+    ``x = x0 * scale_x + pad_left`` (see ``input_frame``; ``resize`` names the transform's resize,
+    'stretch' or 'letterbox', and only an evaluation transform has such a frame), and
     ``num_dropped``: boxes of the record the augmentation dropped (cropped out, or shrunk under the
     minimum size), summed per batch by the collate so the module can log them.
 
@@ -34,9 +38,11 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(
-        self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip", seed: int = 0
+        self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip", seed: int = 0,
+        resize: str = "stretch",
     ):
         self.source = source
+        self.resize = resize
         self.records = records
         self.transform = transform
         self.on_bad_sample = on_bad_sample
@@ -71,6 +77,7 @@ class DetectionDataset(Dataset):
             "weights": torch.ones(len(keep)),
             "image_id": record.image_id,
             "orig_size": image.shape[:2],
+            "frame": input_frame(image.shape[:2], out["image"].shape[:2], self.resize),
             "num_dropped": len(record.boxes) - len(keep),
         }
         return torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1), target
@@ -106,7 +113,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             order = torch.arange(self.size)
         order = order[self.rank :: self.world_size][: len(self)]
-        return iter([(int(i), epoch) for i in order])
+        yield from [(int(i), epoch) for i in order]
 
 
 class ShardSampler(Sampler[int]):
@@ -134,6 +141,8 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
         boxes (B, M, 4) float32 xyxy, labels (B, M) int64 (-1 = padding), mask (B, M) bool,
         difficult (B, M) bool, iscrowd (B, M) bool, weights (B, M) float32 (0 = padding),
         image_ids (B,) int64, orig_sizes (B, 2) int64 (H0, W0),
+        frames (B, 4) float32 (scale_x, scale_y, pad_left, pad_top): x_input = x_orig * scale_x + pad_left
+            (y likewise), what evaluation inverts to map boxes back to the file's pixels,
         num_skipped () int64: samples of this batch dropped as unreadable,
         num_dropped_boxes () int64: boxes the augmentation dropped from this batch's images.
     """
@@ -154,6 +163,7 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
         "weights": torch.zeros(size, max_boxes),
         "image_ids": torch.tensor([t["image_id"] for t in targets], dtype=torch.long),
         "orig_sizes": torch.tensor([t["orig_size"] for t in targets], dtype=torch.long),
+        "frames": torch.tensor([t["frame"] for t in targets], dtype=torch.float32),
         "num_skipped": torch.tensor(num_skipped),
         "num_dropped_boxes": torch.tensor(sum(int(t.get("num_dropped", 0)) for t in targets)),
     }

@@ -126,7 +126,9 @@ class ShapesGenerator:
         image_size: ``(H, W)`` of the generated images.
         seed: dataset seed; image ``i`` depends only on ``(seed, i)``.
         min_objects, max_objects: inclusive range of objects per image; an object
-            beyond ``min_objects`` that finds no valid spot in 30 tries is dropped.
+            beyond ``min_objects`` that finds no valid spot in 30 tries is dropped (the
+            first ``min_objects`` get 200 tries, and if one still finds none, the image is
+            drawn again with every object at ``min_size``).
         min_size, max_size: object diameter as a fraction of ``min(H, W)`` (log-uniform).
         max_overlap: maximum IoU between any two boxes of an image.
         background: ``"textured"`` (default) or ``"flat"`` (uniform colour, no noise).
@@ -166,16 +168,25 @@ class ShapesGenerator:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         rng = np.random.default_rng([self.seed, index])
         h, w = self.image_size
-        scene = _Scene(self._make_background(rng), np.full((h, w), -1, np.int16))
-        labels: list[int] = []
-        for k in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
-            label = int(rng.integers(len(self.classes)))
-            # Sizes and positions are re-drawn on every try, so a small spot is
-            # eventually found: the required objects get many more tries.
-            for _ in range(200 if k < self.min_objects else 30):
-                if self._try_place(rng, label, scene):
+        background = self._make_background(rng)
+        count = int(rng.integers(self.min_objects, self.max_objects + 1))
+        # Sizes and positions are re-drawn on every try, so a small spot is eventually found: the
+        # required objects get many more tries. Large early objects may still leave no room for a
+        # required one (no overlap allowed, small image): then the scene starts again with every
+        # object at ``min_size``.
+        for smallest in (False, True):
+            scene = _Scene(background.copy(), np.full((h, w), -1, np.int16))
+            labels: list[int] = []
+            for k in range(count):
+                label = int(rng.integers(len(self.classes)))
+                placed = any(self._try_place(rng, label, scene, smallest)
+                             for _ in range(200 if k < self.min_objects else 30))
+                if placed:
                     labels.append(label)
+                elif k < self.min_objects:
                     break
+            if len(labels) >= self.min_objects:
+                break
         img = scene.img
         if self.background == "textured" and rng.random() < 0.5:
             # The tile stores 128 + 32 * N(0, 1): scale by amp / 32 and remove the offset.
@@ -220,11 +231,12 @@ class ShapesGenerator:
             cv2.copyTo(blended, pat, img)
         return img
 
-    def _try_place(self, rng: np.random.Generator, label: int, scene: _Scene) -> bool:
-        """Sample one placement of class ``label``; if valid, draw it into ``scene`` (True)."""
+    def _try_place(self, rng: np.random.Generator, label: int, scene: _Scene, smallest: bool = False) -> bool:
+        """Sample one placement of class ``label`` (of ``min_size`` if ``smallest``); if valid, draw it
+        into ``scene`` (True)."""
         h, w = self.image_size
         name = self.classes[label]
-        log_size = rng.uniform(math.log(self.min_size), math.log(self.max_size))
+        log_size = rng.uniform(math.log(self.min_size), math.log(self.min_size if smallest else self.max_size))
         r = 0.5 * min(h, w) * math.exp(log_size)
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.35, 0.6)

@@ -22,7 +22,9 @@ import torch
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from torchvision.ops import box_iou
 
-PRESETS = ("ssd", "yolo", "none")
+PRESETS = ("ssd", "yolo", "none", "letterbox")
+# evaluation resize (``eval_resize`` of configs/augment/) -> the preset that does only that
+EVAL_PRESETS = {"stretch": "none", "letterbox": "letterbox"}
 
 
 class ZoomOut(A.Pad):
@@ -127,6 +129,60 @@ def yolo_hsv(hue: float, saturation: float, value: float) -> A.BasicTransform:
     return A.ColorJitter(brightness=value, contrast=0.0, saturation=saturation, hue=hue, p=1.0)
 
 
+def letterbox(height: int, width: int, fill: Sequence[float] | float) -> list[A.BasicTransform]:
+    """Resize keeping the aspect ratio so the image fits (``height``, ``width``), then pad it centred
+    to that size with ``fill``: YOLOv5's ``letterbox`` (its val mode too). :func:`letterbox_frame`
+    says where it puts the image."""
+    return [
+        A.LongestMaxSize(max_size_hw=(height, width), interpolation=cv2.INTER_LINEAR),
+        A.PadIfNeeded(min_height=height, min_width=width, position="center",
+                      border_mode=cv2.BORDER_CONSTANT, fill=fill),
+    ]
+
+
+def letterbox_frame(orig_size: Sequence[int], size: Sequence[int]) -> tuple[float, float, float, float]:
+    """``(scale_x, scale_y, pad_left, pad_top)`` of :func:`letterbox` from an image of ``orig_size``
+    (H0, W0) to ``size`` (H, W): ``x = x0 * scale_x + pad_left``, ``y = y0 * scale_y + pad_top``.
+
+    Albumentations' arithmetic, step by step, so the frame is exact: ``LongestMaxSize`` takes the
+    smaller of ``H / H0`` and ``W / W0`` and rounds each side with Python's ``round`` (half to even),
+    so the two sides' scales differ slightly (``new_w / W0`` vs ``new_h / H0``); boxes, stored
+    normalised, scale with the rounded sides. ``PadIfNeeded(position="center")`` puts the odd pixel of
+    padding after the image (``pad_top = int((H - new_h) / 2)``), and pads nothing where the side
+    already fits.
+    """
+    h0, w0 = int(orig_size[0]), int(orig_size[1])
+    height, width = int(size[0]), int(size[1])
+    scale = min(height / h0, width / w0)
+    new_h, new_w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    pad_top = int((height - new_h) / 2.0) if new_h < height else 0
+    pad_left = int((width - new_w) / 2.0) if new_w < width else 0
+    return new_w / w0, new_h / h0, float(pad_left), float(pad_top)
+
+
+def input_frame(orig_size: Sequence[int], size: Sequence[int], resize: str) -> tuple[float, float, float, float]:
+    """Where the evaluation transform of ``resize`` ('stretch' or 'letterbox', see
+    :func:`build_eval_transform`) puts an image of ``orig_size`` (H0, W0) in the network input of
+    ``size`` (H, W): ``(scale_x, scale_y, pad_left, pad_top)`` with ``x = x0 * scale_x + pad_left``
+    (``y`` likewise). Evaluation maps predictions back with its inverse."""
+    if resize == "stretch":
+        return int(size[1]) / int(orig_size[1]), int(size[0]) / int(orig_size[0]), 0.0, 0.0
+    if resize == "letterbox":
+        return letterbox_frame(orig_size, size)
+    raise ValueError(f"unknown eval_resize {resize!r} (have: {', '.join(EVAL_PRESETS)})")
+
+
+def build_eval_transform(resize: str, size: Sequence[int], fill: Sequence[float] | float = (124, 116, 104),
+                         seed: int | None = None) -> A.Compose:
+    """The evaluation pipeline (nothing random): ``resize`` = 'stretch' resizes to ``size`` (H, W)
+    ignoring the aspect ratio (preset 'none'); 'letterbox' keeps it and pads with ``fill`` (preset
+    'letterbox', what the 'yolo' preset trains on before its random warp). No ground-truth box is
+    dropped, however small it gets: evaluation scores against every box of the annotation file."""
+    if resize not in EVAL_PRESETS:
+        raise ValueError(f"unknown eval_resize {resize!r} (have: {', '.join(EVAL_PRESETS)})")
+    return build_transform(EVAL_PRESETS[resize], size, fill=fill, seed=seed, min_visibility=0.0, min_box_size=0.0)
+
+
 def build_transform(
     preset: str,
     size: Sequence[int],
@@ -151,10 +207,8 @@ def build_transform(
         'yolo': letterbox resize (aspect kept, padded with ``fill``), random scale (``scale_range``)
             and translation (+-``translate`` of the side) in one affine warp, HSV jitter
             (``hsv_gains`` = hue, saturation, value as in YOLOv5's hyp.scratch), horizontal flip.
-            Evaluation resizes without letterbox ('none'), so a model trained with 'yolo' sees other
-            aspect ratios at evaluation on non-square images; a letterboxed evaluation needs the
-            pad offsets carried to ``DetectionModule.predict_original_frame``.
-        'none': resize only, for evaluation.
+        'none': resize only (evaluation with ``eval_resize`` 'stretch').
+        'letterbox': letterbox only (evaluation with ``eval_resize`` 'letterbox', as after 'yolo').
     ``min_visibility`` and ``min_box_size`` (pixels) decide which boxes are dropped (see the module doc).
 
     Call it as ``t(image=(H0, W0, 3) uint8, bboxes=(N, 4) xyxy, box_index=np.arange(N))``; it returns
@@ -162,6 +216,7 @@ def build_transform(
     """
     height, width = int(size[0]), int(size[1])
     resize = A.Resize(height, width, interpolation=cv2.INTER_LINEAR)
+    fill_value = tuple(float(f) for f in fill) if isinstance(fill, Sequence) else float(fill)
     if preset == "ssd":
         ops = [
             ZoomOut(zoom_out_max_scale, fill=fill, p=zoom_out_prob),
@@ -171,11 +226,8 @@ def build_transform(
             *ssd_photometric(),
         ]
     elif preset == "yolo":
-        fill_value = tuple(float(f) for f in fill) if isinstance(fill, Sequence) else float(fill)
         ops = [
-            A.LongestMaxSize(max_size_hw=(height, width), interpolation=cv2.INTER_LINEAR),
-            A.PadIfNeeded(min_height=height, min_width=width, position="center",
-                          border_mode=cv2.BORDER_CONSTANT, fill=fill_value),
+            *letterbox(height, width, fill_value),
             A.Affine(scale=(float(scale_range[0]), float(scale_range[1])), keep_ratio=True,
                      translate_percent=(-translate, translate), border_mode=cv2.BORDER_CONSTANT,
                      fill=fill_value, p=1.0),
@@ -184,6 +236,8 @@ def build_transform(
         ]
     elif preset == "none":
         ops = [resize]
+    elif preset == "letterbox":
+        ops = letterbox(height, width, fill_value)
     else:
         raise ValueError(f"unknown augment preset {preset!r} (have: {', '.join(PRESETS)})")
     return A.Compose(

@@ -20,7 +20,7 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from detectors.boxes import scale_boxes
+from detectors.boxes import boxes_to_input, stretch_frames
 
 __all__ = [
     "GT_COLOR",
@@ -129,6 +129,7 @@ def draw_sample(
     class_names: Sequence[str],
     score_threshold: float = 0.3,
     max_boxes: int = 50,
+    frame: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Ground truth and predictions drawn on one image.
 
@@ -140,23 +141,27 @@ def draw_sample(
         class_names: names of labels 0..C-1.
         score_threshold: predictions at or below it are not drawn.
         max_boxes: at most this many predictions (the best scores) per image, so a picture stays readable.
+        frame: ``(scale_x, scale_y, pad_left, pad_top)``, where the image of ``orig_size`` lies in
+            ``image`` (the batch's ``frames`` entry); None: a plain resize to the image's size.
 
     Returns:
         ``(3, H, W)`` uint8: GT thin black in white, predictions in their class colour with "name score".
     """
     size = tuple(image.shape[-2:])
-    orig = torch.as_tensor(orig_size).reshape(2).tolist()
+    if frame is None:
+        frame = stretch_frames(torch.as_tensor(orig_size).reshape(2), size)
+    frame = torch.as_tensor(frame, dtype=torch.float32).reshape(4).cpu()
     colors = class_colors(len(class_names))
     out = image.cpu()
     if target is not None and len(target["boxes"]):
-        gt = scale_boxes(target["boxes"].detach().float().cpu(), tuple(orig), size)
+        gt = boxes_to_input(target["boxes"].detach().float().cpu(), frame)
         out = draw_bounding_boxes(out, gt, colors=GT_OUTLINE, width=3)
         out = draw_bounding_boxes(out, gt, colors=GT_COLOR, width=1)
     scores = pred["scores"].detach().float().cpu()
     keep = torch.nonzero(scores > score_threshold).squeeze(1)
     keep = keep[scores[keep].argsort(descending=True)[:max_boxes]]
     if keep.numel():
-        boxes = scale_boxes(pred["boxes"].detach().float().cpu()[keep], tuple(orig), size)
+        boxes = boxes_to_input(pred["boxes"].detach().float().cpu()[keep], frame)
         labels = pred["labels"].detach().cpu()[keep].tolist()
         text = [f"{class_names[c]} {s:.2f}" for c, s in zip(labels, scores[keep].tolist())]
         out = draw_bounding_boxes(out, boxes, labels=text, colors=[colors[c] for c in labels], width=2,
@@ -171,11 +176,13 @@ def render_samples(
     orig_sizes: Tensor,
     class_names: Sequence[str],
     score_threshold: float = 0.3,
+    frames: Tensor | None = None,
 ) -> list[Tensor]:
-    """:func:`draw_sample` for each image of a batch: images ``(B, 3, H, W)`` uint8, orig_sizes ``(B, 2)``."""
+    """:func:`draw_sample` for each image of a batch: images ``(B, 3, H, W)`` uint8, orig_sizes ``(B, 2)``,
+    frames ``(B, 4)`` (None: plain resizes)."""
     return [
         draw_sample(images[i], preds[i], targets[i] if targets is not None else None, orig_sizes[i], class_names,
-                    score_threshold)
+                    score_threshold, frame=frames[i] if frames is not None else None)
         for i in range(min(len(images), len(preds)))
     ]
 

@@ -33,11 +33,58 @@ def instantiate_dict(section: DictConfig | None) -> list:
     """Instantiate every entry with a _target_ of a callbacks/logger section."""
     if not section:
         return []
+    for entry in section.values():
+        target = entry.get("_target_", "") if isinstance(entry, DictConfig) else ""
+        if target == "lightning.pytorch.callbacks.EMAWeightAveraging" and not hasattr(L.pytorch.callbacks, "EMAWeightAveraging"):
+            raise ValueError(f"callbacks=ema needs lightning>=2.6 (EMAWeightAveraging); installed: {L.__version__}")
     return [hydra.utils.instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def write_git_state(run_dir: str | Path) -> None:
-    """Record the code a run used (commit and uncommitted changes) beside Hydra's config dump."""
+# loggers that drop what an interrupted run logged after its checkpoint, given ``purge_step``
+PURGING_LOGGERS = ("detectors.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
+def instantiate_loggers(section: DictConfig | None, purge_step: int | None) -> list:
+    """The ``logger`` section's loggers; resuming (``purge_step`` set), the CSV and TensorBoard ones
+    continue the run's logs from that step."""
+    if not section:
+        return []
+    loggers = []
+    for c in section.values():
+        if isinstance(c, DictConfig) and "_target_" in c:
+            purging = purge_step is not None and c._target_ in PURGING_LOGGERS
+            loggers.append(hydra.utils.instantiate(c, **({"purge_step": purge_step} if purging else {})))
+    return loggers
+
+
+def continue_run_folder(cfg: DictConfig, ckpt_path: str | Path) -> bool:
+    """Resuming from ``RUN/checkpoints/*.ckpt`` of a train.py run folder, the run goes on in RUN:
+    checkpoints (best.ckpt keeps competing with the earlier epochs'), CSV and TensorBoard logs and the
+    text log continue there. This invocation's own Hydra folder keeps its config and log. Returns
+    whether the run folder changed; a checkpoint outside a run folder starts a new one."""
+    ckpt = Path(ckpt_path).resolve()
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name != "checkpoints" or not (run_dir / ".hydra").is_dir():
+        log.warning("%s is not in a run folder of train.py: this run logs to a new folder", ckpt)
+        return False
+    if run_dir == Path(cfg.paths.output_dir).resolve():
+        return False
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    # the rest of this invocation's text log goes to the run's train.log too
+    formatter = next((h.formatter for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    handler = logging.FileHandler(run_dir / "train.log")
+    if formatter is not None:
+        handler.setFormatter(formatter)
+    logging.getLogger().addHandler(handler)
+    log.info("resuming in the run folder %s (this invocation's config: %s)", run_dir,
+             HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "-")
+    return True
+
+
+def write_git_state(run_dir: str | Path, suffix: str = "") -> None:
+    """Record the code a run used (commit and uncommitted changes) beside Hydra's config dump;
+    ``suffix`` tells the files of a resumed part of the run apart."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -46,9 +93,9 @@ def write_git_state(run_dir: str | Path) -> None:
         return
     if commit.returncode == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "git_commit.txt").write_text(commit.stdout)
+        (Path(run_dir) / f"git_commit{suffix}.txt").write_text(commit.stdout)
         if diff.stdout:
-            (Path(run_dir) / "git_diff.patch").write_text(diff.stdout)
+            (Path(run_dir) / f"git_diff{suffix}.patch").write_text(diff.stdout)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -82,16 +129,25 @@ def train(cfg: DictConfig) -> float | None:
     """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg)
+    checkpoint, resume_step, continued = None, None, False
     if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path)[0]
+        resume_step = int(checkpoint.get("global_step", 0))
+        if cfg.get("resume_in_run_folder", True):
+            continued = continue_run_folder(cfg, ckpt_path)
+    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
+    if checkpoint is not None:
         # a clear message now instead of Lightning's key-by-key error after the trainer started
-        check_fits(model, load_checkpoint(ckpt_path)[0]["state_dict"], ckpt_path)
+        check_fits(model, checkpoint["state_dict"], ckpt_path)
+        del checkpoint
+    # resuming, what the interrupted run logged after its checkpoint's step is dropped from the logs
+    loggers = instantiate_loggers(cfg.get("logger"), None if resume_step is None else resume_step + 1)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=instantiate_dict(cfg.get("logger")) or False
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
     )
     log.info("run folder: %s", cfg.paths.output_dir)
-    write_git_state(cfg.paths.output_dir)
+    write_git_state(cfg.paths.output_dir, suffix=f".resumed_at_step_{resume_step}" if continued else "")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     skipped = getattr(datamodule.source, "skips", None)
     if skipped is not None and skipped.counts:

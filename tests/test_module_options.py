@@ -1,0 +1,59 @@
+"""DetectionModule options: the warm-up schedule's factors, learning the run's length late, and
+torch.compile of the network."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectors.schedules import StepPlan, WarmupSchedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.parametrize("decay", ["cosine", "multistep", "constant"])
+def test_warmup_then_decay_by_hand(decay):
+    schedule = WarmupSchedule(decay, warmup_epochs=2, warmup_factor=0.1, min_lr_ratio=0.01, milestones=[0.5, 0.75])
+    total, per_epoch = 110, 5  # warm-up: 10 steps, then 100
+    f = [schedule.factor(s, total, per_epoch) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(0.55) and f[10] == pytest.approx(1.0)
+    if decay == "cosine":
+        assert f[60] == pytest.approx(0.01 + 0.99 * 0.5)  # half way: the mean of 1 and 0.01
+        assert f[109] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    elif decay == "multistep":
+        assert f[59] == 1.0 and f[60] == pytest.approx(0.1) and f[84] == pytest.approx(0.1)
+        assert f[85] == pytest.approx(0.01)
+    else:
+        assert set(f[10:]) == {1.0}
+
+
+def test_the_schedule_reads_the_run_length_when_it_is_known():
+    """The LambdaLR is made before the trainer knows how many batches an epoch has (see StepPlan):
+    until then it holds the warm-up's start, and afterwards it follows the plan."""
+    schedule, plan = WarmupSchedule("cosine", warmup_epochs=1, warmup_factor=0.01), StepPlan()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = schedule.build(opt, plan)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    plan.total_steps, plan.steps_per_epoch = 20, 4
+    for _ in range(4):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)  # the end of the 4-step warm-up
+
+
+def test_compile_option_compiles_the_network_in_place():
+    """``compile`` leaves parameter names (checkpoints) alone and computes the same; the 'eager'
+    backend keeps this test quick, the inductor's figures are in BENCHMARKS.md."""
+    from common import build_ours, random_batch
+
+    torch.manual_seed(0)
+    plain = build_ours(["model=ssd300"], num_classes=3)
+    compiled = build_ours(["model=ssd300", "model.compile={backend: eager}"], num_classes=3)
+    compiled.load_state_dict(plain.state_dict())
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert compiled.detector._compiled_call_impl is not None and plain.detector._compiled_call_impl is None
+    batch = plain.on_after_batch_transfer(random_batch(2, 300, 3, 4, "cpu"), 0)
+    losses = [m.detector.loss(m.detector(batch["images"]), batch, (300, 300))["loss"] for m in (plain, compiled)]
+    torch.testing.assert_close(losses[0], losses[1])
