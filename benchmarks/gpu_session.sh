@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU-side checks on the lent GPU machine (see /work/.library/device/README.md), from the
 # repo root, with .whl/ (../shared/gpu/wheels.sh) and .bccd/ (a copy of ../shared/datasets/BCCD) carried:
-#   bash benchmarks/gpu_session.sh bench     # training-step throughput, ours vs torchvision (~2 min)
+#   bash benchmarks/gpu_session.sh bench     # training step (plain, compiled, plain VGG16) and inference vs torchvision
+#   bash benchmarks/gpu_session.sh evalbench # COCO eval (GPU, CPU, pycocotools, faster-coco-eval), data loader (16 cores)
 #   bash benchmarks/gpu_session.sh shapes    # default shapes run, in the background (setsid): poll logs/
 #   bash benchmarks/gpu_session.sh bccd      # experiment=ssd300_bccd, in the background
 #   bash benchmarks/gpu_session.sh status    # tail of the background runs, metrics to $OUT
@@ -15,8 +16,17 @@ mkdir -p "$OUT" logs
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
 case "${1:-bench}" in
   bench)
-    python benchmarks/train_throughput.py --compile --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
-    python benchmarks/train_throughput.py --json "$OUT/throughput_vgg16.json" backbone=vgg16 2>&1 | tail -8 | tee -a "$OUT/throughput.log" ;;
+    # the figures also stay in logs/ while the machine is held: evalbench reads the training rate
+    python benchmarks/train_throughput.py --compile --json logs/throughput.json 2>&1 | tee "$OUT/throughput.log"
+    python benchmarks/train_throughput.py --json logs/throughput_vgg16.json backbone=vgg16 2>&1 | tail -8 | tee -a "$OUT/throughput.log"
+    python benchmarks/inference.py --compile --json logs/inference.json 2>&1 | tee "$OUT/inference.log"
+    cp logs/*.json "$OUT/" ;;
+  evalbench)
+    python benchmarks/coco_eval.py --json logs/coco_eval.json 2>&1 | tee "$OUT/coco_eval.log"
+    train_json=(); [ -f logs/throughput.json ] && train_json=(--train-json logs/throughput.json)
+    python benchmarks/data_throughput.py --root .bccd --workers 0 8 12 16 --cache none ram "${train_json[@]}" \
+      --json logs/data.json 2>&1 | tee "$OUT/data.log"
+    cp logs/*.json "$OUT/" ;;
   shapes)
     setsid nohup python train.py model=ssd300 hydra.run.dir=logs/gpu_shapes > logs/gpu_shapes.log 2>&1 < /dev/null &
     sleep 60; tail -c 3000 logs/gpu_shapes.log ;;

@@ -57,3 +57,24 @@ def test_compile_option_compiles_the_network_in_place():
     batch = plain.on_after_batch_transfer(random_batch(2, 300, 3, 4, "cpu"), 0)
     losses = [m.detector.loss(m.detector(batch["images"]), batch, (300, 300))["loss"] for m in (plain, compiled)]
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_csv_logger_continues_a_resumed_runs_metrics(tmp_path):
+    """The resumed part appends to the run's metrics.csv; rows the killed run wrote from the resumed
+    step on are dropped (they are logged again), and a new column keeps the old rows."""
+    import csv
+
+    from detectors.loggers import CSVLogger
+
+    first = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(10):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed = CSVLogger(tmp_path, name="csv", version="", purge_step=6)
+    resumed.log_metrics({"train/loss": 60.0, "val/map_50": 0.5}, step=6)
+    resumed.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert [float(r["train/loss"]) for r in rows] == [0, 1, 2, 3, 4, 5, 60]
+    assert rows[0]["val/map_50"] == "" and rows[-1]["val/map_50"] == "0.5"

@@ -97,13 +97,20 @@ def test_evaluate_rejects_a_file_that_is_not_our_checkpoint(tmp_path):
     assert "is not a readable checkpoint" in out
 
 
+HAS_EMA = hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers):
+@pytest.mark.parametrize("workers,ema", [(0, False), pytest.param(2, True, marks=pytest.mark.skipif(
+    not HAS_EMA, reason="callbacks=ema needs lightning>=2.6"))])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers, ema):
     # with workers the loader starts (and prefetches) before Lightning counts the checkpoint's epoch
-    # as completed: the order of the next epoch must not be the finished one's again
+    # as completed: the order of the next epoch must not be the finished one's again. With EMA, both
+    # the average and the raw weights must come back.
     common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}",
               f"data.num_workers={workers}"]
+    if ema:
+        common += ["callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5"]
     run("train.py", "trainer.max_epochs=2", run_dir(tmp_path, "full"), *common)
     # the first run is planned for 2 epochs (same schedule) but stops after one, like an interrupted run
     run("train.py", "trainer.max_epochs=2", "+callbacks.stop._target_=tests.stop_callback.StopAfterEpochs",
@@ -122,6 +129,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers
     # and the run did train: weights moved from the first epoch's
     key = "detector.head.cls_convs.0.weight"
     assert not torch.equal(first["state_dict"][key], full["state_dict"][key])
+    if ema:  # state_dict above is the average; the raw weights too
+        assert resumed["callbacks"]["EMAWeightAveraging"]["latest_update_step"] == 4
+        for name, value in full["current_model_state"].items():
+            torch.testing.assert_close(resumed["current_model_state"][name], value, rtol=0, atol=0, msg=name)
+        assert not torch.equal(full["current_model_state"][key], full["state_dict"][key])
 
 
 @pytest.mark.slow
@@ -206,7 +218,7 @@ def test_kill_mid_epoch_resumes_at_the_next_batch_with_the_same_weights(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging"), reason="needs lightning>=2.6")
+@pytest.mark.skipif(not HAS_EMA, reason="callbacks=ema needs lightning>=2.6")
 def test_ema_switch_keeps_averaged_weights_in_the_checkpoint(tmp_path):
     run("train.py", "callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5",
         "trainer.max_epochs=1", run_dir(tmp_path, "ema"), *TINY)

@@ -14,6 +14,7 @@ from detectors.callbacks.evaluation_writer import EvaluationWriter
 from detectors.checkpoints import check_fits, load_checkpoint
 from detectors.evaluation.report import format_report
 from detectors.evaluation.results import category_ids_of
+from detectors.noise import silence_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data``."""
+    silence_known_noise()
     if cfg.split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
     ckpt, run = load_checkpoint(cfg.ckpt_path)

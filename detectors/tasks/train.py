@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detectors.checkpoints import check_fits, find_last_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
+from detectors.noise import silence_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def run_trial(cfg: DictConfig) -> float | None:
 
 def train(cfg: DictConfig) -> float | None:
     """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
+    silence_known_noise()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
