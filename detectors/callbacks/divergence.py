@@ -35,10 +35,11 @@ class DivergenceGuard(L.Callback):
         self.action = action
         self.max_skips = max_skips
         self.skipped = 0
-        self._image_ids: list[int] = []
+        self._image_ids: torch.Tensor | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
-        self._image_ids = batch["image_ids"].tolist() if isinstance(batch, dict) and "image_ids" in batch else []
+        # the tensor, read only when reporting: .tolist() here would wait for the GPU at every step
+        self._image_ids = batch["image_ids"] if isinstance(batch, dict) and "image_ids" in batch else None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -51,7 +52,8 @@ class DivergenceGuard(L.Callback):
         terms = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         message = (
             f"non-finite loss or gradient at epoch {trainer.current_epoch} step {trainer.global_step} "
-            f"(last logged {terms}); image ids of the batch: {self._image_ids}"
+            f"(last logged {terms}); image ids of the batch: "
+            f"{self._image_ids.tolist() if self._image_ids is not None else []}"
         )
         if self.action == "stop" or self.skipped >= self.max_skips:
             raise NonFiniteLossError(message + ("" if self.action == "stop" else f"; {self.skipped} steps skipped already"))
