@@ -312,7 +312,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
     expected = {"halves": single, "rank0_only": single, "voc": voc.compute()}
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), preds, targets, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, reference in expected.items():
             assert results[name].keys() == reference.keys()
             for key, value in reference.items():
