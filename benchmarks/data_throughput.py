@@ -32,6 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from detectors.data.datamodule import DetectionDataModule  # noqa: E402
 from detectors.data.formats.voc import VOCSource  # noqa: E402
+from detectors.noise import silence_known_noise  # noqa: E402
 
 DEFAULT_ROOT = os.environ.get("BCCD_ROOT", str(ROOT.parent / "shared" / "datasets" / "BCCD"))
 
@@ -74,6 +75,7 @@ def measure(source, args, workers: int, cache: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=DEFAULT_ROOT, help="a VOC-layout folder (default: BCCD)")
     parser.add_argument("--split", default="train")
