@@ -268,8 +268,8 @@ class DetectionModule(L.LightningModule):
         self.step_plan.total_steps = int(trainer.estimated_stepping_batches)
         self.step_plan.steps_per_epoch = max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
         for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            factor = self.schedule.factor(scheduler.last_epoch, self.step_plan.total_steps, self.step_plan.steps_per_epoch)
-            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * factor
+            scheduler = config.scheduler  # the LambdaLR of WarmupSchedule.build: its lambdas read the plan
+            for group, base_lr, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                                  scheduler.lr_lambdas):
+                group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
             scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
