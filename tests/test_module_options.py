@@ -29,6 +29,19 @@ def test_warmup_then_decay_by_hand(decay):
         assert set(f[10:]) == {1.0}
 
 
+def test_warmup_lasts_at_least_min_warmup_steps_but_at_most_a_quarter_of_the_run():
+    """BCCD's 6 steps an epoch: 1 epoch of warm-up alone would be 6 steps."""
+    schedule = WarmupSchedule("constant", warmup_epochs=1, min_warmup_steps=100, warmup_factor=0.0)
+    f = [schedule.factor(s, 1800, 6) for s in range(200)]
+    assert f[50] == pytest.approx(0.5) and f[99] == pytest.approx(0.99) and f[100] == 1.0
+    # a 40-step run (the overfit preset's size) warms up over 10 steps, not all 40
+    f = [schedule.factor(s, 40, 1) for s in range(40)]
+    assert f[5] == pytest.approx(0.5) and f[10] == 1.0
+    # epochs longer than the floor keep their own warm-up; warmup_epochs=0 stays none
+    assert WarmupSchedule("constant", warmup_epochs=2, min_warmup_steps=100, warmup_factor=0.0).factor(150, 5000, 100) == 0.75
+    assert WarmupSchedule("constant", warmup_epochs=0, min_warmup_steps=100, warmup_factor=0.0).factor(0, 5000, 100) == 1.0
+
+
 def test_the_schedule_reads_the_run_length_when_it_is_known():
     """The LambdaLR is made before the trainer knows how many batches an epoch has (see StepPlan):
     until then it holds the warm-up's start, and afterwards it follows the plan."""
