@@ -1,9 +1,11 @@
 """Every config of every group composes, resolves and instantiates its part."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -54,3 +56,21 @@ def test_model_instantiates_with_each_backbone(backbone, tmp_path, bccd_root):
 def test_typo_in_a_group_option_is_a_clear_error(tmp_path, bccd_root):
     with pytest.raises(Exception, match="ssd301"):
         compose_train(["model=ssd301"], tmp_path, bccd_root)
+
+
+def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path, bccd_root):
+    """Lightning's overfit_batches alone validates on the val split's first batches (other images)
+    and keeps the augmentation, so mAP there cannot show whether the model fits what it trains on."""
+    cfg = compose_train(["debug=overfit", "trainer.overfit_batches=2", "data.batch_size=4"], tmp_path, bccd_root)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.trainer = SimpleNamespace(overfit_batches=cfg.trainer.overfit_batches)
+    def first_two(loader):
+        return [batch for _, batch in zip(range(2), loader)]
+
+    # the same images, unaugmented, in every pass over the training data and in validation
+    train, again, val = (first_two(datamodule.train_dataloader()), first_two(datamodule.train_dataloader()),
+                         first_two(datamodule.val_dataloader()))
+    for t, a, v in zip(train, again, val):
+        for key in ("images", "boxes", "labels", "image_ids"):
+            assert torch.equal(t[key], a[key]) and torch.equal(t[key], v[key]), key
+    assert len(train[0]["image_ids"]) == 4 and len(val) == 2

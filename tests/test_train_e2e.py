@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,30 @@ def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
         assert line in out
     for name in ["circle", "square", "triangle"]:
         assert f"\n{name}" in out
+
+
+def read_metrics(run_folder: Path) -> list[dict[str, str]]:
+    with open(run_folder / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_overfit_preset_fits_two_images_to_map_one(tmp_path):
+    """The whole chain at once, as train.py runs it: data, priors, matching, encoding, loss, the
+    optimizer and schedule, decoding, NMS, the map back to the image's pixels and the metric. A slip
+    anywhere in it (a box in the wrong frame, labels off by one, a wrong sign in the encoding) keeps
+    mAP@0.5 well below 1 on the very images the model was fitted to."""
+    out = run("train.py", "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2", "trainer.max_epochs=60",
+              "trainer.check_val_every_n_epoch=60", run_dir(tmp_path, "overfit"))
+    rows = read_metrics(tmp_path / "overfit")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/map_50"]) for r in rows if r.get("val/map_50")]
+    assert len(losses) == 60 and losses[-1] < 0.1 * losses[0], out[-3000:]
+    assert val[-1] >= 0.9, (val, losses[::10])
+    # the per-epoch line a batch job's log shows (no terminal, so no progress bar)
+    assert re.search(r"epoch 60/60 step 60: loss \S+ \(epoch mean\), lr \S+, 2 images .*; val map_50 \d\.\d{4} map", out)
+    epoch_59 = [line for line in out.splitlines() if "epoch 59/60 step 59: loss" in line]
+    assert len(epoch_59) == 1 and "; val" not in epoch_59[0]  # that epoch did not validate
 
 
 @pytest.mark.slow
@@ -185,8 +210,7 @@ def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
     final = torch.load(last, map_location="cpu", weights_only=True)  # the run went on in its own folder
     assert final["epoch"] == 2 and final["global_step"] == 3 * 4
     # one metrics.csv for the whole run: every epoch validated exactly once, steps never go back
-    with open(tmp_path / "killed" / "csv" / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(tmp_path / "killed")
     assert sorted(int(r["epoch"]) for r in rows if r["val/map_50"]) == [0, 1, 2], out[-3000:]
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps)
@@ -242,7 +266,7 @@ def test_ddp_on_two_cpu_processes_scores_like_one_process(tmp_path):
 
     run("train.py", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1", run_dir(tmp_path, "ddp"), *TINY,
         "data.source.sizes={train: 4, val: 5, test: 2}", "data.eval_batch_size=2")
-    rows = list(csv.DictReader((tmp_path / "ddp" / "csv" / "metrics.csv").open()))
+    rows = read_metrics(tmp_path / "ddp")
     logged = [r for r in rows if r.get("val/map")][-1]
 
     ckpt, cfg = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")

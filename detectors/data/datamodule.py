@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from detectors.data.cache import RAMCache
@@ -35,6 +35,8 @@ class DetectionDataModule(L.LightningDataModule):
             worker and epoch; for small datasets such as BCCD, see ``RAMCache``).
         root, splits, classes: the source's settings, repeated here so users set them as
             ``data.root=...``; ``classes``, when given, must equal the source's.
+        val_split: the split validation reads (with the evaluation transform). 'train' for the
+            overfit preset: then validation scores the very images the model is fitting.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class DetectionDataModule(L.LightningDataModule):
         on_bad_sample: str = "skip",
         seed: int = 0,
         cache: str = "none",
+        val_split: str = "val",
     ):
         super().__init__()
         if cache not in ("none", "ram"):
@@ -75,6 +78,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.seed = seed
         self.cache = cache
+        self.val_split = val_split
         self._datasets: dict[str, DetectionDataset] = {}
 
     @property
@@ -90,8 +94,9 @@ class DetectionDataModule(L.LightningDataModule):
                 fill = {"fill": self.augment["fill"]} if "fill" in self.augment else {}
                 transform = build_eval_transform(self.eval_resize, self.input_size, seed=self.seed, **fill)
                 resize = self.eval_resize
-            records = self.source.records(split)
-            log.info("%s split: %d images", split, len(records))
+            records = self.source.records(self.val_split if split == "val" else split)
+            log.info("%s split: %d images%s", split, len(records),
+                     f" (of the {self.val_split!r} split)" if split == "val" and self.val_split != "val" else "")
             source = RAMCache(self.source, records) if self.cache == "ram" else self.source
             self._datasets[split] = DetectionDataset(source, records, transform, self.on_bad_sample, self.seed,
                                                      resize=resize)
@@ -106,8 +111,12 @@ class DetectionDataModule(L.LightningDataModule):
             return 0
         return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
-    def _sampler(self, size: int, shuffle: bool) -> EpochSampler | ShardSampler:
-        """Our own samplers shard across DDP ranks (the trainer runs with use_distributed_sampler=False)."""
+    def _sampler(self, size: int, shuffle: bool) -> EpochSampler | ShardSampler | SequentialSampler:
+        """Our own samplers shard across DDP ranks (the trainer runs with use_distributed_sampler=False).
+        Under ``trainer.overfit_batches`` every split is read in file order, so the same first batches
+        come back every epoch (Lightning would otherwise swap our samplers out, with a warning)."""
+        if self.trainer is not None and self.trainer.overfit_batches > 0:
+            return SequentialSampler(range(size))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if shuffle:
             return EpochSampler(size, self.seed, self._current_epoch, rank=rank, world_size=world)
