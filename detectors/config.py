@@ -23,7 +23,17 @@ def gpu_or_cpu(on_gpu, on_cpu):
     return on_gpu if torch.cuda.is_available() else on_cpu
 
 
+def num_classes(classes) -> int:
+    """``${len:${data.classes}}``: the head's class count. Null classes are read from the dataset by
+    train.py before the model is built; resolving the config before that (``--cfg job --resolve``)
+    gets this message instead of len(None)'s TypeError."""
+    if classes is None:
+        raise ValueError("data.classes is null: train.py reads the class names from the dataset before it "
+                         "builds the model; to resolve the config by itself, set data.classes=[a,b,c]")
+    return len(classes)
+
+
 def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("len", lambda x: len(x), replace=True)
+    OmegaConf.register_new_resolver("len", num_classes, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("gpu_or_cpu", gpu_or_cpu, replace=True)

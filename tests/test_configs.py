@@ -74,3 +74,9 @@ def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path, bcc
         for key in ("images", "boxes", "labels", "image_ids"):
             assert torch.equal(t[key], a[key]) and torch.equal(t[key], v[key]), key
     assert len(train[0]["image_ids"]) == 4 and len(val) == 2
+
+
+def test_resolving_before_the_classes_are_known_says_how_to_get_them(tmp_path, bccd_root):
+    cfg = compose_train(["data=voc"], tmp_path, bccd_root)
+    with pytest.raises(Exception, match=r"data.classes is null.*data.classes=\[a,b,c\]"):
+        OmegaConf.to_container(cfg, resolve=True)

@@ -21,7 +21,8 @@ class EpochSummary(L.Callback):
     to the console and ``train.log``. The progress bar draws nothing where the output is no terminal
     (a SLURM or nohup log, a redirected run): without this line such a log would show nothing between
     the start and the final tables. The loss is summed on the device and read once per epoch (no
-    per-step sync). Validation figures appear on the epochs that validated.
+    per-step sync). Under DDP the loss and image count are rank 0's. Validation figures (all ranks)
+    appear on the epochs that validated.
 
     Args:
         val_metrics: the validation metrics to print (names after ``val/``), when logged.
