@@ -64,7 +64,8 @@ class EpochSummary(L.Callback):
             return
         end = time.perf_counter()
         train_seconds = (self._train_end or end) - self._start
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}:"]
+        of = f"/{trainer.max_epochs}" if trainer.max_epochs not in (None, -1) else ""  # -1: a max_steps run
+        parts = [f"epoch {trainer.current_epoch + 1}{of} step {trainer.global_step}:"]
         if self._loss_sum is not None:
             parts.append(f"loss {self._loss_sum.item() / self._batches:.4g} (epoch mean),")
         if trainer.optimizers:
