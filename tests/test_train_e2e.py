@@ -257,8 +257,6 @@ def test_ema_switch_keeps_averaged_weights_in_the_checkpoint(tmp_path):
 def test_ddp_on_two_cpu_processes_scores_like_one_process(tmp_path):
     """Validation sharded over 2 gloo processes (5 images: uneven shards) equals one process on the
     same weights: no image repeated or lost, metric states synced."""
-    import csv
-
     import hydra
     import lightning as L
 
