@@ -64,6 +64,7 @@ def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path, bcc
     cfg = compose_train(["debug=overfit", "trainer.overfit_batches=2", "data.batch_size=4"], tmp_path, bccd_root)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.trainer = SimpleNamespace(overfit_batches=cfg.trainer.overfit_batches)
+
     def first_two(loader):
         return [batch for _, batch in zip(range(2), loader)]
 

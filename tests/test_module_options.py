@@ -34,7 +34,7 @@ def test_warmup_lasts_at_least_min_warmup_steps_but_at_most_a_quarter_of_the_run
     schedule = WarmupSchedule("constant", warmup_epochs=1, min_warmup_steps=100, warmup_factor=0.0)
     f = [schedule.factor(s, 1800, 6) for s in range(200)]
     assert f[50] == pytest.approx(0.5) and f[99] == pytest.approx(0.99) and f[100] == 1.0
-    # a 40-step run (the overfit preset's size) warms up over 10 steps, not all 40
+    # a 40-step run warms up over 10 steps (a quarter), not over all 40
     f = [schedule.factor(s, 40, 1) for s in range(40)]
     assert f[5] == pytest.approx(0.5) and f[10] == 1.0
     # epochs longer than the floor keep their own warm-up; warmup_epochs=0 stays none
