@@ -1,4 +1,4 @@
-"""Box formats, batched IoU and the SSD box encoder.
+"""Box formats, batched IoU and the delta box coder (SSD, RPN, RoI heads).
 
 Boxes are ``xyxy`` in absolute pixels everywhere outside a head (see DESIGN.md).
 The centre-size form (``cxcywh``) lives only inside encoders.
@@ -36,38 +36,46 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)
 
 
-class SSDBoxCoder:
-    """SSD's offset encoding of boxes relative to priors, with variances.
+class DeltaBoxCoder:
+    """The R-CNN / SSD delta encoding of boxes relative to reference boxes (priors, anchors, proposals).
 
-    ``t = ((cx - pcx) / (pw * v0), (cy - pcy) / (ph * v0), log(w / pw) / v1, log(h / ph) / v1)``
-    (Liu et al. 2016, eq. 2; the variances are the reference implementation's scaling).
-    The scale is relative, so priors and boxes only need to share one unit (pixels here).
+    ``t = (wx (cx - pcx) / pw, wy (cy - pcy) / ph, ww log(w / pw), wh log(h / ph))`` (Girshick et al.
+    2014, appendix C; Ren et al. 2015, eq. 2). SSD's variances (0.1, 0.2) are the weights
+    (10, 10, 5, 5); Faster R-CNN's RPN uses (1, 1, 1, 1) and its RoI head (10, 10, 5, 5), as torchvision's
+    ``BoxCoder``. The scale is relative, so references and boxes only need to share one unit (pixels here).
     """
 
-    def __init__(self, variances: tuple[float, float] = (0.1, 0.2), max_log_scale: float = math.log(1000.0 / 16)):
-        self.variances = variances
-        # decoded w/h = exp(t * v1) * prior: clamp like torchvision so an untrained head cannot overflow
+    def __init__(self, weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+                 max_log_scale: float = math.log(1000.0 / 16)):
+        self.weights = tuple(float(w) for w in weights)
+        # decoded w/h = exp(t / ww) * reference: clamped like torchvision so an untrained head cannot overflow
         self.max_log_scale = max_log_scale
 
-    def encode(self, boxes: Tensor, priors: Tensor) -> Tensor:
-        """boxes (..., 4) xyxy, priors (..., 4) cxcywh (broadcastable) -> offsets (..., 4)."""
-        v0, v1 = self.variances
+    @classmethod
+    def from_variances(cls, variances: tuple[float, float]) -> "DeltaBoxCoder":
+        """SSD's form: centre variance v0 and size variance v1 are weights 1/v0, 1/v0, 1/v1, 1/v1."""
+        v0, v1 = variances
+        return cls((1.0 / v0, 1.0 / v0, 1.0 / v1, 1.0 / v1))
+
+    def encode(self, boxes: Tensor, references: Tensor) -> Tensor:
+        """boxes (..., 4) xyxy, references (..., 4) cxcywh (broadcastable) -> deltas (..., 4)."""
+        w = torch.tensor(self.weights, dtype=boxes.dtype, device=boxes.device)
         b = box_convert(boxes, "xyxy", "cxcywh")
-        # a degenerate GT never becomes a positive (it is dropped at load), the clamp only guards log(0)
+        # a degenerate GT never becomes a positive (dropped at load), the clamp only guards log(0)
         wh = b[..., 2:].clamp(min=1e-6)
         return torch.cat(
             [
-                (b[..., :2] - priors[..., :2]) / (priors[..., 2:] * v0),
-                torch.log(wh / priors[..., 2:]) / v1,
+                (b[..., :2] - references[..., :2]) / references[..., 2:] * w[:2],
+                torch.log(wh / references[..., 2:]) * w[2:],
             ],
             dim=-1,
         )
 
-    def decode(self, offsets: Tensor, priors: Tensor) -> Tensor:
-        """offsets (..., 4), priors (..., 4) cxcywh (broadcastable) -> boxes (..., 4) xyxy."""
-        v0, v1 = self.variances
-        centre = priors[..., :2] + offsets[..., :2] * v0 * priors[..., 2:]
-        size = priors[..., 2:] * torch.exp((offsets[..., 2:] * v1).clamp(max=self.max_log_scale))
+    def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
+        """deltas (..., 4), references (..., 4) cxcywh (broadcastable) -> boxes (..., 4) xyxy."""
+        w = torch.tensor(self.weights, dtype=deltas.dtype, device=deltas.device)
+        centre = references[..., :2] + deltas[..., :2] / w[:2] * references[..., 2:]
+        size = references[..., 2:] * torch.exp((deltas[..., 2:] / w[2:]).clamp(max=self.max_log_scale))
         return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
 
 

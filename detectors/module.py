@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from detectors.boxes import boxes_to_original, stretch_frames
 from detectors.data.batch_ops import BatchMixup, MultiScale
 from detectors.detector import Detector
@@ -21,9 +22,6 @@ from detectors.rng import collect_rng_state, restore_rng_state
 from detectors.schedules import StepPlan, WarmupSchedule
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DetectionModule(L.LightningModule):
@@ -36,7 +34,8 @@ class DetectionModule(L.LightningModule):
         scheduler: per-step learning-rate schedule (warm-up + decay), or None.
         class_names: names of labels 0..C-1 (printed tables, logged per-class AP).
         input_size: (H, W) of the network input; evaluation maps boxes back to each image's own size.
-        mean, std: input normalisation (0..1 scale); ImageNet's, so torchvision weights fit.
+        mean, std: input normalisation (0..1 scale); None: the backbone's (``backbone.mean``/``std``, which
+            belong with its weights: ImageNet's for torchvision's, none for darknet's).
         channels_last: NHWC memory format, faster convolutions on tensor cores and oneDNN.
         run_config: the run's resolved configuration as YAML (a string: Hydra would instantiate a dict),
             stored in checkpoints so evaluate.py can rebuild the model.
@@ -59,8 +58,8 @@ class DetectionModule(L.LightningModule):
         scheduler: WarmupSchedule | None = None,
         class_names: Sequence[str] = (),
         input_size: Sequence[int] = (300, 300),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         channels_last: bool = True,
         run_config: str | None = None,
         mixup: Mapping[str, Any] | None = None,
@@ -76,8 +75,11 @@ class DetectionModule(L.LightningModule):
         self.class_names = list(class_names)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.channels_last = channels_last
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        backbone = getattr(detector, "backbone", None)
+        mean = getattr(backbone, "mean", IMAGENET_MEAN) if mean is None else mean
+        std = getattr(backbone, "std", IMAGENET_STD) if std is None else std
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255, persistent=False)
         num_classes = detector.head.num_classes
         if self.class_names and len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a head of {num_classes} classes")
@@ -88,24 +90,39 @@ class DetectionModule(L.LightningModule):
         self._rng_to_restore: dict | None = None
         self.mixup = BatchMixup(**mixup) if mixup and mixup.get("prob", 0) > 0 else None
         self.multiscale = MultiScale(**multiscale) if multiscale and multiscale.get("sizes") else None
-        if self.multiscale is not None:
-            self._check_input_size(self.multiscale.smallest)
+        for size in [self.input_size, *(self.multiscale.sizes if self.multiscale is not None else [])]:
+            self._check_input_size(size)
         if compile:
             self.detector.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
         self._batches_seen = 0  # the batch counter when no trainer runs the module
 
     def _check_input_size(self, size: tuple[int, int]) -> None:
-        """Fail now, with the reason, if the network cannot take inputs of ``size`` (SSD300's extras
-        need >= 257 px), instead of with a shape error in the middle of an epoch. The forward runs on
-        the meta device (shapes only, no arithmetic, about 0.05 s)."""
+        """Fail now, with the reason, if the network cannot take inputs of ``size`` (input_size and
+        every multi-scale size), instead of with a shape error in the middle of an epoch.
+
+        The backbone says its smallest side and size divisor; then the forward runs on the meta device
+        (shapes only, no arithmetic, about 0.05 s), which finds what the rest of the network needs (SSD300's
+        extras: >= 257 px). Only a map that becomes empty is called "too small"; any other failure is
+        reported as it is."""
+        backbone = getattr(self.detector, "backbone", None)
+        label = "input_size" if tuple(size) == self.input_size else "multiscale size"
+        smallest = getattr(backbone, "min_size", 1)
+        if min(size) < smallest:
+            raise ValueError(f"{label} {tuple(size)} is too small: the backbone needs sides of at least {smallest} px")
+        divisor = getattr(backbone, "size_divisor", 1)
+        if size[0] % divisor or size[1] % divisor:
+            raise ValueError(f"{label} {tuple(size)} is not a multiple of {divisor} (backbone.size_divisor)")
         tensors = {**dict(self.detector.named_parameters()), **dict(self.detector.named_buffers())}
         meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
         was_training = self.detector.training
 
+        class EmptyMap(RuntimeError):
+            pass
+
         def refuse_empty(module: torch.nn.Module, args: Any, output: Any) -> None:
             # torch 2.4's meta conv returns a 0x0 map where a real conv (and newer torch's meta one) raises
             if isinstance(output, Tensor) and 0 in output.shape:
-                raise RuntimeError(f"{type(module).__name__} gives an empty map {tuple(output.shape)}")
+                raise EmptyMap(f"{type(module).__name__} gives an empty map {tuple(output.shape)}")
 
         hooks = [m.register_forward_hook(refuse_empty) for m in self.detector.modules()]
         try:
@@ -113,11 +130,12 @@ class DetectionModule(L.LightningModule):
             functional_call(self.detector, meta, (torch.empty(1, 3, *size, device="meta"),))
         except NotImplementedError:
             log.debug("an op of the detector has no meta kernel; input size %s not checked", size)
+        except EmptyMap as e:
+            raise ValueError(f"{label} {tuple(size)} is too small for this detector ({e})") from None
         except RuntimeError as e:
-            raise ValueError(
-                f"multiscale size {size} is too small for this detector ({str(e).splitlines()[0]}); "
-                "SSD300 needs inputs of at least 257 px"
-            ) from None
+            message = str(e).splitlines()[0]
+            reason = "too small for this detector" if "smaller than kernel size" in message or "Kernel size can't be greater" in message else "not accepted by this detector"
+            raise ValueError(f"{label} {tuple(size)} is {reason} ({message})") from None
         finally:
             for hook in hooks:
                 hook.remove()
@@ -165,7 +183,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"]
-        raw = self.detector(images)
+        raw = self.detector(images, batch)  # targets reach two-stage heads (proposal sampling)
         losses = self.detector.loss(raw, batch, tuple(images.shape[-2:]))
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})

@@ -177,7 +177,7 @@ def test_boxes_are_drawn_where_the_original_frame_maps_to_the_network_image():
 
 
 def test_denormalize_undoes_the_module_normalisation():
-    from detectors.module import IMAGENET_MEAN, IMAGENET_STD
+    from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255

@@ -156,7 +156,7 @@ class GroundTruthDetector(nn.Module):
         self.head.num_classes = num_classes
         self.batch = None
 
-    def forward(self, images):
+    def forward(self, images, targets=None):
         return None
 
     def predict(self, raw, size):

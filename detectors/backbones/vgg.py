@@ -1,105 +1,86 @@
-"""VGG16 as SSD uses it (Liu et al. 2016, sec. 3): conv1_1 .. conv5_3, then pool5 3x3/1,
-conv6 3x3 dilation 6 and conv7 1x1 in place of fc6/fc7.
+"""VGG16 (Simonyan and Zisserman 2015, configuration D), plain or with BatchNorm, as a backbone.
 
-Outputs conv4_3 (stride 8) and conv7 (stride 16 with ceil-mode pooling: 38x38 and 19x19 at 300).
+The trunk is torchvision's ``vgg16``/``vgg16_bn`` ``features`` (same layer indices, so its state dicts
+load by key), with ceil-mode pools so SSD300's 300 px input gives 38x38 conv4_3 maps as in the paper.
+SSD's changes (pool5 3x3/1, dilated conv6, conv7) are SSD's, not VGG's: they live in SSD's neck
+(``detectors.necks.ssd_extras``, as torchvision's SSD keeps them with its extra layers), so the same
+``backbone=vgg16_bn`` gives SSD conv4_3 + conv5_3 (strides 8, 16) and Faster R-CNN conv5_3 (stride 16).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone
+from detectors.backbones.weights import load_matching, resolve_weights
 from detectors.layers import conv_block, init_kaiming
 
 log = logging.getLogger(__name__)
 
 # torchvision's vgg16 "D" configuration; "M" is a 2x2 max-pool
-VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                 512, 512, 512, "M"]
 
 
-class VGG16(nn.Module):
-    """VGG16 trunk with SSD's changes.
+def vgg16_features(batch_norm: bool) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
+    """torchvision's VGG16 ``features`` with ceil-mode pools, and its taps: stride -> (index of the
+    last layer at that stride, channels): 1 conv1_2, 2 conv2_2, 4 conv3_3, 8 conv4_3, 16 conv5_3
+    (after their ReLU), 32 pool5."""
+    layers: list[nn.Module] = []
+    taps: dict[int, tuple[int, int]] = {}
+    in_ch, stride = 3, 1
+    for v in VGG16_LAYERS:
+        if v == "M":
+            taps[stride] = (len(layers) - 1, in_ch)
+            # ceil_mode on every pool, so 300 -> 150 -> 75 -> 38 -> 19 as in the paper's SSD300
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            stride *= 2
+        else:
+            # torchvision's vgg16_bn keeps the conv bias before BN: kept, so its weights load exactly
+            layers += conv_block(in_ch, int(v), batch_norm, bias=True, kernel_size=3, padding=1)
+            in_ch = int(v)
+    taps[stride] = (len(layers) - 1, in_ch)
+    return nn.Sequential(*layers), taps
+
+
+class VGG16(SequentialBackbone):
+    """VGG16 trunk read at the strides asked for.
 
     Args:
         batch_norm: BatchNorm after every conv (``vgg16_bn``); trains far better from scratch.
+        out_strides: maps to return, among 1, 2, 4, 8 (conv4_3), 16 (conv5_3), 32 (pool5).
         weights: None (random init), a torchvision weights name such as 'IMAGENET1K_V1'
             (``VGG16_Weights`` / ``VGG16_BN_Weights``; downloads unless torch's cache has it), or
             the path of a local file holding a torchvision VGG16 state dict or one of this module.
-            Only the conv trunk is loaded; conv6/conv7 start random, as in torchvision's SSD.
+            The conv trunk must be complete in it; the classifier is ignored.
+        attention: 'se' | 'cbam' | None, on every stage output (conv1_2 .. conv5_3).
+        mean, std, min_size, size_divisor: see ``Backbone`` (ImageNet statistics: torchvision's weights).
 
-    forward: images (B, 3, H, W) normalised -> [conv4_3 (B, 512, H/8, W/8), conv7 (B, 1024, H/16, W/16)]
-    (sizes rounded up by the ceil-mode pools).
+    forward: images (B, 3, H, W) normalised -> [(B, C_k, ceil(H / s_k), ceil(W / s_k))] per stride.
     """
 
-    out_channels = (512, 1024)
-
-    def __init__(self, batch_norm: bool = True, weights: str | None = None):
-        super().__init__()
+    def __init__(self, batch_norm: bool = True, out_strides: Sequence[int] = (8, 16), weights: str | None = None,
+                 attention: str | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, min_size: int | None = None, size_divisor: int | None = None):
         self.batch_norm = batch_norm
-        layers: list[nn.Module] = []
-        in_ch = 3
-        self.conv4_3_end = 0
-        for i, v in enumerate(VGG16_LAYERS):
-            if v == "M":
-                # ceil_mode on every pool, so 300 -> 150 -> 75 -> 38 -> 19 as in the paper's SSD300
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            else:
-                layers += conv_block(in_ch, int(v), batch_norm, bias=True, kernel_size=3, padding=1)
-                in_ch = int(v)
-            if i == 12:  # conv4_3 (+ BN) + ReLU
-                self.conv4_3_end = len(layers)
-        # torchvision's layer indices, so its state dicts load by key
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Sequential(
-            nn.MaxPool2d(3, stride=1, padding=1),
-            *conv_block(512, 1024, batch_norm, kernel_size=3, padding=6, dilation=6),
-            *conv_block(1024, 1024, batch_norm, kernel_size=1),
-        )
+        name = "vgg16_bn" if batch_norm else "vgg16"
+        features, taps = vgg16_features(batch_norm)
+        super().__init__(name, features, taps, out_strides, attention, mean=mean, std=std, min_size=min_size,
+                         size_divisor=size_divisor)
         init_kaiming(self)
-        self.weights_source = "random init"
         if weights:
             self.load_weights(weights)
-        log.info("backbone vgg16%s: weights from %s", "_bn" if batch_norm else "", self.weights_source)
+        log.info("backbone %s: weights from %s", name, self.weights_source)
 
     def load_weights(self, weights: str) -> None:
-        path = Path(weights).expanduser()
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            source = f"file {path}"
-        else:
+        def enum():
             from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
-            enum = VGG16_BN_Weights if self.batch_norm else VGG16_Weights
-            try:
-                w = enum[weights] if weights in enum.__members__ else enum.verify(weights)
-            except (KeyError, ValueError):
-                raise ValueError(
-                    f"backbone weights {weights!r} is neither a file nor a {enum.__name__} name "
-                    f"({', '.join(enum.__members__)})"
-                ) from None
-            state = w.get_state_dict(progress=True)
-            source = f"torchvision {enum.__name__}.{w.name}"
-        own = self.state_dict()
-        loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        trunk = [k for k in own if k.startswith("features.")]
-        missing = [k for k in trunk if k not in loaded]
-        if missing:
-            raise ValueError(
-                f"backbone weights from {source} do not fit vgg16{'_bn' if self.batch_norm else ''}: "
-                f"{len(missing)} of {len(trunk)} trunk tensors missing or of another shape (first: {missing[0]})"
-            )
-        self.load_state_dict(loaded, strict=False)
-        self.weights_source = f"{source} ({len(loaded)} tensors)"
+            return VGG16_BN_Weights if self.batch_norm else VGG16_Weights
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        x = images
-        conv4_3 = x
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i == self.conv4_3_end - 1:
-                conv4_3 = x
-        return [conv4_3, self.fc(x)]
+        state, source = resolve_weights(weights, enum, self.name)
+        self.weights_source = load_matching(self, state, source, self.name,
+                                            required=lambda key: key.startswith("features."))

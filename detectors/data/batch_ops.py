@@ -144,10 +144,6 @@ class MultiScale:
             raise ValueError(f"a multiscale size is an int or (H, W) of positive ints, got {size!r}")
         return pair  # type: ignore[return-value]
 
-    @property
-    def smallest(self) -> tuple[int, int]:
-        return min(self.sizes, key=lambda s: (s[0] * s[1], s))
-
     def size_at(self, step: int) -> tuple[int, int]:
         """The (H, W) of batch number ``step``: the same for each block of ``every_n_batches`` batches."""
         rng = np.random.default_rng([self.seed, _MULTISCALE_STREAM, int(step) // self.every_n_batches])

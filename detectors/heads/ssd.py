@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from detectors.anchors import SSDPriors
 from detectors.assign import gather_gt, match_priors
-from detectors.boxes import SSDBoxCoder, clip_boxes
+from detectors.boxes import DeltaBoxCoder, clip_boxes
 from detectors.losses import hard_negative_mask
+from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
 
@@ -32,7 +32,7 @@ class SSDHead(nn.Module):
     """Predictors, loss and decoding of SSD.
 
     Args:
-        in_channels: channels of each feature map from the neck.
+        in_channels: channels of each feature map from the neck (set by ``Detector``).
         num_classes: foreground classes C (labels 0..C-1); the head adds the background itself.
         priors: the prior generator (its levels must match the feature maps).
         variances: box encoding variances (0.1, 0.2).
@@ -41,6 +41,9 @@ class SSDHead(nn.Module):
         min_negatives: negatives mined in an image even without objects (SSD: 0).
         score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (0.01, 0.45, 200,
             and 400 candidates per class and image before NMS, as torchvision's SSD).
+        predictor: 'conv' (SSD's 3x3 conv per level) or 'depthwise' (SSDLite: depthwise 3x3 + BN +
+            ReLU6, then a 1x1 conv; torchvision's ``SSDLiteHead``).
+        strides: the neck's nominal strides (set by ``Detector``; priors come from the maps' shapes).
     """
 
     def __init__(
@@ -56,13 +59,15 @@ class SSDHead(nn.Module):
         nms_threshold: float = 0.45,
         max_detections: int = 200,
         pre_nms_top_k: int = 400,
+        predictor: str = "conv",
+        strides: Sequence[int] = (),
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.priors = priors or SSDPriors()
-        self.coder = SSDBoxCoder(tuple(variances))
+        self.coder = DeltaBoxCoder.from_variances(tuple(variances))
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
         self.min_negatives = min_negatives
@@ -73,16 +78,15 @@ class SSDHead(nn.Module):
         per_cell = self.priors.num_priors_per_cell
         if len(per_cell) != len(in_channels):
             raise ValueError(f"SSDHead has {len(in_channels)} input levels but the priors define {len(per_cell)}")
-        self.cls_convs = nn.ModuleList(
-            nn.Conv2d(c, p * (num_classes + 1), 3, padding=1) for c, p in zip(in_channels, per_cell)
-        )
-        self.box_convs = nn.ModuleList(nn.Conv2d(c, p * 4, 3, padding=1) for c, p in zip(in_channels, per_cell))
-        for conv in [*self.cls_convs, *self.box_convs]:
-            nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        if predictor not in ("conv", "depthwise"):
+            raise ValueError(f"head.predictor must be 'conv' or 'depthwise', got {predictor!r}")
+        make = predictor_conv if predictor == "conv" else depthwise_predictor
+        self.cls_convs = nn.ModuleList(make(c, p * (num_classes + 1)) for c, p in zip(in_channels, per_cell))
+        self.box_convs = nn.ModuleList(make(c, p * 4) for c, p in zip(in_channels, per_cell))
 
-    def forward(self, feats: list[Tensor]) -> SSDRaw:
-        """feats: [(B, C_k, h_k, w_k)] -> SSDRaw with A = sum_k h_k w_k P_k priors."""
+    def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> SSDRaw:
+        """feats: [(B, C_k, h_k, w_k)] -> SSDRaw with A = sum_k h_k w_k P_k priors (one-stage: no use
+        for ``targets``)."""
         batch = feats[0].shape[0]
         cls, box = [], []
         for f, cls_conv, box_conv in zip(feats, self.cls_convs, self.box_convs):
@@ -139,33 +143,29 @@ class SSDHead(nn.Module):
         Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
         """
         priors = self.make_priors(raw, image_size)
-        batch, num_priors, _ = raw.box_offsets.shape
-        classes = self.num_classes
         scores = raw.cls_logits.float().softmax(-1)[..., 1:]  # (B, A, C)
         boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
 
-        k = min(self.pre_nms_top_k, num_priors)
-        top_scores, top_idx = scores.transpose(1, 2).topk(k, dim=2)  # (B, C, k)
-        top_boxes = boxes.gather(1, top_idx.reshape(batch, -1, 1).expand(-1, -1, 4)).view(batch, classes, k, 4)
-        image_idx = torch.arange(batch, device=boxes.device).view(-1, 1, 1).expand_as(top_scores)
-        class_idx = torch.arange(classes, device=boxes.device).view(1, -1, 1).expand_as(top_scores)
+        return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
+                              self.max_detections)
 
-        keep = top_scores > self.score_threshold
-        cand_scores, cand_boxes = top_scores[keep], top_boxes[keep]
-        cand_images, cand_classes = image_idx[keep], class_idx[keep]
-        kept = batched_nms(cand_boxes, cand_scores, cand_images * classes + cand_classes, self.nms_threshold)
 
-        # kept is in descending score order; a stable sort by image keeps that order inside each image
-        kept = kept[torch.sort(cand_images[kept], stable=True).indices]
-        images_of_kept = cand_images[kept]
-        counts = torch.bincount(images_of_kept, minlength=batch)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(kept), device=kept.device) - starts[images_of_kept]
-        kept = kept[rank < self.max_detections]
-        counts = counts.clamp(max=self.max_detections).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": c}
-            for b, s, c in zip(
-                cand_boxes[kept].split(counts), cand_scores[kept].split(counts), cand_classes[kept].split(counts)
-            )
-        ]
+def predictor_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """SSD's predictor: one 3x3 conv (Xavier init, zero bias, as the reference implementation)."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    nn.init.xavier_uniform_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def depthwise_predictor(in_channels: int, out_channels: int) -> nn.Sequential:
+    """SSDLite's predictor (Sandler et al. 2018, sec. 6.2): depthwise 3x3 + BN + ReLU6, then 1x1."""
+    pointwise = nn.Conv2d(in_channels, out_channels, 1)
+    nn.init.xavier_uniform_(pointwise.weight)
+    nn.init.zeros_(pointwise.bias)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU6(inplace=True),
+        pointwise,
+    )

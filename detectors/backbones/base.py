@@ -1,0 +1,119 @@
+"""The backbone contract every family keeps (DESIGN.md, "The parts and their contracts").
+
+A backbone is a plain ``nn.Module`` whose forward returns the feature maps at the strides the config
+asks for (``out_strides``), and says what it returns: ``out_channels`` and ``strides``. It also
+carries what belongs to its weights: the input mean/std they expect and the smallest input and the
+size divisor it accepts. Necks and heads are built from ``out_channels``/``strides``, so
+``backbone=X`` is the one config line that changes when a backbone changes.
+
+Most backbones are a flat ``nn.Sequential`` (``features``, torchvision's own layer names where
+torchvision has the network, so its state dicts load by key) read at a few taps: the output of the
+last layer at each stride. :class:`SequentialBackbone` does that reading, drops the layers past the
+deepest requested map (no parameter without a gradient: DDP needs none unused) and applies the
+optional attention blocks at the stage outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from detectors.backbones.attention import make_attention
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# darknet's own weights see RGB in 0..1, not normalised
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
+
+
+class Backbone(nn.Module):
+    """Base of every backbone: what it returns and what its inputs must be.
+
+    Attributes:
+        out_channels: channels of each returned map, in ``strides`` order.
+        strides: input pixels per feature cell of each returned map, ascending.
+        mean, std: per-channel input normalisation on the 0..1 scale (the module applies it).
+        min_size: smallest input side the backbone takes (its deepest map must keep >= 1 cell).
+        size_divisor: input sides must be multiples of this (default 1: every layer here rounds odd maps
+            up, so any size works; a head whose grid must tile the image exactly, YOLO's, sets 32).
+        weights_source: where the weights came from, for the run log.
+    """
+
+    out_channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 min_size: int | None = None, size_divisor: int | None = None):
+        super().__init__()
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._min_size = min_size
+        self._size_divisor = size_divisor
+        self.weights_source = "random init"
+
+    @property
+    def min_size(self) -> int:
+        return int(self._min_size if self._min_size is not None else max(self.strides))
+
+    @property
+    def size_divisor(self) -> int:
+        return int(self._size_divisor if self._size_divisor is not None else 1)
+
+
+def check_out_strides(name: str, out_strides: Sequence[int], available: Mapping[int, int]) -> tuple[int, ...]:
+    """Validate ``out_strides`` against the strides a network has; sorted, without repeats."""
+    strides = tuple(sorted({int(s) for s in out_strides}))
+    if not strides:
+        raise ValueError(f"{name}: out_strides is empty; choose from {sorted(available)}")
+    unknown = [s for s in strides if s not in available]
+    if unknown:
+        raise ValueError(f"{name} has no map at stride {unknown[0]}: out_strides must be among {sorted(available)}")
+    return strides
+
+
+class SequentialBackbone(Backbone):
+    """A backbone made of one ``nn.Sequential`` read at taps.
+
+    Args:
+        name: for messages and the log (``vgg16_bn``, ``mobilenet_v2``, ...).
+        features: the layers in order.
+        taps: stride -> (index of the last layer at that stride in ``features``, its channels).
+        out_strides: which taps to return.
+        attention: 'se', 'cbam' or None: a block on each stage output (every tap, also those not
+            returned, and each entry of ``extra_attention_points``).
+        extra_attention_points: more (index, channels) stage ends that get an attention block.
+        mean, std, min_size, size_divisor: see :class:`Backbone`.
+    """
+
+    def __init__(self, name: str, features: nn.Sequential, taps: Mapping[int, tuple[int, int]],
+                 out_strides: Sequence[int], attention: str | None = None,
+                 extra_attention_points: Sequence[tuple[int, int]] = (), **input_spec):
+        super().__init__(**input_spec)
+        self.name = name
+        strides = check_out_strides(name, out_strides, taps)
+        self.strides = strides
+        self.out_channels = tuple(taps[s][1] for s in strides)
+        self._tap_index = {taps[s][0]: i for i, s in enumerate(strides)}
+        last = max(self._tap_index)
+        # the layers past the deepest returned map would get no gradient: not built into the model
+        self.features = features[: last + 1]
+        points = {idx: ch for idx, ch in [*taps.values(), *extra_attention_points] if idx <= last}
+        self.attention = nn.ModuleDict(
+            {str(idx): make_attention(attention, ch) for idx, ch in sorted(points.items())} if attention else {}
+        )
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) normalised -> one map (B, C_k, H / s_k, W / s_k) per stride s_k
+        (sizes rounded as the layers round)."""
+        outs: list[Tensor] = [images] * len(self.strides)
+        x = images
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            key = str(i)
+            if key in self.attention:
+                x = self.attention[key](x)
+            if i in self._tap_index:
+                outs[self._tap_index[i]] = x
+        return outs
