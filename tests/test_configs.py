@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 import detectors  # noqa: F401  (resolvers)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ["data", "augment", "backbone", "neck", "head", "optimizer", "scheduler", "model", "trainer",
+GROUPS = ["data", "augment", "backbone", "neck", "head", "optimizer", "scheduler", "module", "model", "trainer",
           "callbacks", "logger", "experiment", "debug"]
 
 

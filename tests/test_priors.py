@@ -62,3 +62,38 @@ def test_cache_returns_same_tensor_and_level_mismatch_is_an_error():
     assert gen(SSD300_SHAPES, (300, 300)) is a
     with pytest.raises(ValueError, match="6 levels"):
         gen(SSD300_SHAPES[:5], (300, 300))
+
+
+SSD512_SHAPES = [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+SSD512 = dict(aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]], min_scale=0.15, max_scale=0.9,
+              first_scale=0.07)
+SSDLITE = dict(aspect_ratios=[[2, 3]] * 6, min_scale=0.2, max_scale=0.95, first_scale=None)
+SSDLITE_SHAPES = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+
+
+def test_ssd512_has_24564_priors_and_the_reference_scales():
+    """Hand count: 64^2 * 4 + 32^2 * 6 + 16^2 * 6 + 8^2 * 6 + 4^2 * 6 + 2^2 * 4 + 1 * 4 = 24564; the
+    reference SSD512's min sizes 35.84, 76.8, 153.6, ... 460.8 px are 0.07, 0.15, 0.3, ... 0.9 of 512."""
+    gen = SSDPriors(**SSD512)
+    assert 64**2 * 4 + 32**2 * 6 + 16**2 * 6 + 8**2 * 6 + 4**2 * 6 + 2**2 * 4 + 4 == 24564
+    assert gen(SSD512_SHAPES, (512, 512)).shape == (24564, 4)
+    assert [s * 512 for s in gen.scales()] == pytest.approx([35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6])
+
+
+@pytest.mark.parametrize("config,shapes,size", [
+    ({}, SSD300_SHAPES, (300, 300)), (SSD512, SSD512_SHAPES, (512, 512)), (SSDLITE, SSDLITE_SHAPES, (320, 320)),
+    ({}, [(48, 64), (24, 32), (12, 16), (6, 8), (4, 6), (2, 4)], (384, 512)),
+])
+def test_priors_equal_torchvision_default_box_generator(config, shapes, size):
+    """torchvision's DefaultBoxGenerator, given our scales, places the same boxes in the same order.
+    (Its ssd300_vgg16 uses other scales, [0.07, 0.15, 0.33, ...], COCO's; ours are the paper's VOC ones.)"""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import box_convert
+
+    ours = SSDPriors(**config)
+    reference = DefaultBoxGenerator(ours.aspect_ratios, scales=ours.scales(), steps=None, clip=True)
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+    feats = [torch.zeros(1, 1, h, w) for h, w in shapes]
+    expected = reference(images, feats)[0]
+    torch.testing.assert_close(box_convert(ours(shapes, size), "cxcywh", "xyxy"), expected, rtol=0, atol=1e-3)

@@ -101,3 +101,17 @@ def test_vgg16_with_ssd_neck_equals_torchvision_ssd300_feature_extractor():
                                                  (256, 3, 3), (256, 1, 1)]
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_weights_file_and_a_failed_download_say_what_to_do(monkeypatch, tmp_path):
+    from torchvision.models import VGG16_Weights
+
+    with pytest.raises(ValueError, match=r"weights file .*vgg_typo.pth not found"):
+        VGG16(batch_norm=False, weights=str(tmp_path / "vgg_typo.pth"))
+
+    def offline(self, *args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(type(VGG16_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(ValueError, match=r"could not be downloaded .*backbone.weights=/path/to/file.pth"):
+        VGG16(batch_norm=False, weights="IMAGENET1K_V1")

@@ -15,11 +15,13 @@ optional attention blocks at the stage outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from detectors.backbones.attention import make_attention
+from detectors.backbones.weights import load_matching, resolve_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,6 +105,17 @@ class SequentialBackbone(Backbone):
         self.attention = nn.ModuleDict(
             {str(idx): make_attention(attention, ch) for idx, ch in sorted(points.items())} if attention else {}
         )
+
+    def load_state_dict_weights(self, weights: str, torchvision_enum: Callable[[], type] | None = None) -> None:
+        """Weights from a state-dict file or, given ``torchvision_enum`` (a callable returning the enum
+        class, imported late), a torchvision weights name. Every tensor of the built layers must be
+        there, except the attention blocks' (a plain network's weights have none: they keep their init)."""
+        state, source = resolve_weights(str(weights), torchvision_enum, self.name)
+        self.weights_source = load_matching(self, state, source, self.name, required=lambda key: "attention" not in key)
+
+    def log_weights_source(self) -> None:
+        """The run log names where every backbone's weights came from."""
+        logging.getLogger(type(self).__module__).info("backbone %s: weights from %s", self.name, self.weights_source)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) normalised -> one map (B, C_k, H / s_k, W / s_k) per stride s_k

@@ -9,7 +9,6 @@ state dicts of this module. darknet's weights see RGB in 0..1: the default mean/
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,9 +17,7 @@ from torch import Tensor, nn
 
 from detectors.backbones.attention import make_attention
 from detectors.backbones.base import UNIT_MEAN, UNIT_STD, SequentialBackbone
-from detectors.backbones.weights import load_darknet_weights, load_matching, resolve_weights
-
-log = logging.getLogger(__name__)
+from detectors.backbones.weights import load_darknet_weights
 
 # YOLOv2 Table 6 up to its last 3x3 conv: (filters, kernel) or "M", a 2x2/2 max-pool
 DARKNET19_LAYERS: list[tuple[int, int] | str] = [
@@ -118,7 +115,7 @@ class _DarkNet(SequentialBackbone):
                 nn.init.zeros_(m.bn.bias)
         if weights:
             self.load_weights(str(weights), truncated)
-        log.info("backbone %s: weights from %s", self.name, self.weights_source)
+        self.log_weights_source()
 
     def darknet_layers(self) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """(conv, bn) of every conv in darknet's cfg order (the order of its ``.weights`` files): the
@@ -139,10 +136,7 @@ class _DarkNet(SequentialBackbone):
             loaded, total = load_darknet_weights(path, self.darknet_layers(), allow_extra=truncated)
             self.weights_source = f"darknet file {path} ({loaded} of {total} convs)"
             return
-        state, source = resolve_weights(weights, None, self.name)
-        # the attention blocks are not part of a plain darknet's weights: they may start random
-        self.weights_source = load_matching(self, state, source, self.name,
-                                            required=lambda key: "attention." not in key)
+        self.load_state_dict_weights(weights)
 
 
 class DarkNet19(_DarkNet):

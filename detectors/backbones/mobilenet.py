@@ -8,17 +8,13 @@ it is built here from the paper's Table 1 and trains from scratch or from a loca
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
 from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone
-from detectors.backbones.weights import load_matching, resolve_weights
 from detectors.layers import init_kaiming
-
-log = logging.getLogger(__name__)
 
 # MobileNet v1, Table 1 after the first conv (3x3/2, 32 ch): (out channels, stride) of each
 # depthwise separable block
@@ -103,10 +99,8 @@ class MobileNetV1(SequentialBackbone):
         init_kaiming(self.features)
         self.weights_source = "random init (He)"
         if weights:
-            state, source = resolve_weights(str(weights), None, self.name)
-            self.weights_source = load_matching(self, state, source, self.name,
-                                                required=lambda k: k.startswith("features."))
-        log.info("backbone mobilenet_v1: weights from %s", self.weights_source)
+            self.load_state_dict_weights(weights)
+        self.log_weights_source()
 
 
 def _mobilenet_v2_weights() -> type:
@@ -156,7 +150,5 @@ class MobileNetV2(SequentialBackbone):
         self.width_mult = float(width_mult)
         self.weights_source = "random init (torchvision's)"
         if weights:
-            state, source = resolve_weights(str(weights), _mobilenet_v2_weights, self.name)
-            self.weights_source = load_matching(self, state, source, self.name,
-                                                required=lambda k: k.startswith("features."))
-        log.info("backbone mobilenet_v2: weights from %s", self.weights_source)
+            self.load_state_dict_weights(weights, _mobilenet_v2_weights)
+        self.log_weights_source()

@@ -9,16 +9,12 @@ SSD's changes (pool5 3x3/1, dilated conv6, conv7) are SSD's, not VGG's: they liv
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import nn
 
 from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone
-from detectors.backbones.weights import load_matching, resolve_weights
 from detectors.layers import conv_block, init_kaiming
-
-log = logging.getLogger(__name__)
 
 # torchvision's vgg16 "D" configuration; "M" is a 2x2 max-pool
 VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -72,15 +68,10 @@ class VGG16(SequentialBackbone):
                          size_divisor=size_divisor)
         init_kaiming(self)
         if weights:
-            self.load_weights(weights)
-        log.info("backbone %s: weights from %s", name, self.weights_source)
+            self.load_state_dict_weights(weights, self._torchvision_enum)
+        self.log_weights_source()
 
-    def load_weights(self, weights: str) -> None:
-        def enum():
-            from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+    def _torchvision_enum(self) -> type:
+        from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
-            return VGG16_BN_Weights if self.batch_norm else VGG16_Weights
-
-        state, source = resolve_weights(weights, enum, self.name)
-        self.weights_source = load_matching(self, state, source, self.name,
-                                            required=lambda key: key.startswith("features."))
+        return VGG16_BN_Weights if self.batch_norm else VGG16_Weights

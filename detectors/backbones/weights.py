@@ -48,7 +48,14 @@ def torchvision_state_dict(enum: type, name: str) -> tuple[dict[str, torch.Tenso
         raise ValueError(
             f"backbone weights {name!r} is neither a file nor a {enum.__name__} name ({', '.join(enum.__members__)})"
         ) from None
-    return w.get_state_dict(progress=True), f"torchvision {enum.__name__}.{w.name}"
+    try:
+        state = w.get_state_dict(progress=True)
+    except OSError as e:  # no network (URLError is an OSError) or an unwritable cache
+        raise ValueError(
+            f"torchvision weights {enum.__name__}.{w.name} could not be downloaded ({e}); download {w.url} where "
+            "the network is reachable and give the file: backbone.weights=/path/to/file.pth"
+        ) from None
+    return state, f"torchvision {enum.__name__}.{w.name}"
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str, name: str,
@@ -77,6 +84,8 @@ def resolve_weights(weights: str, enum_factory: Callable[[], type] | None, name:
     path = Path(weights).expanduser()
     if path.is_file():
         return read_state_dict_file(path), f"file {path}"
+    if "/" in weights or path.suffix in (".pth", ".pt", ".ckpt", ".weights", ".bin"):
+        raise ValueError(f"backbone weights file {path} not found")
     if enum_factory is None:
         raise ValueError(f"backbone weights {weights!r} for {name}: no such file (torchvision has no {name})")
     return torchvision_state_dict(enum_factory(), weights)

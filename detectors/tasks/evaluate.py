@@ -55,7 +55,14 @@ def evaluate(cfg: DictConfig) -> dict:
         run.backbone.weights = None  # the checkpoint holds the weights; never download
         run.model.detector.backbone.weights = None
     datamodule = hydra.utils.instantiate(run.data)
-    model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
+    try:
+        model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
+    except Exception as e:  # noqa: BLE001 (any config this code cannot build)
+        raise ValueError(
+            f"the model stored in {cfg.ckpt_path} cannot be built by this version of detectors "
+            f"({str(e).splitlines()[0]}); checkpoints written before the backbone contract (neck/head configs "
+            "with channel lists) need the version that wrote them"
+        ) from None
     check_fits(model, ckpt["state_dict"], cfg.ckpt_path)
     model.load_state_dict(ckpt["state_dict"])
 

@@ -1,0 +1,86 @@
+"""Every backbone under every model, through the configs as train.py builds them: a training step and
+``predict`` on a small non-square input, with the contract every head keeps (DESIGN.md): finite loss
+with its named terms, gradients reaching every parameter, boxes inside the image, labels in range,
+images and batches without boxes. Later heads join this matrix."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import detectors  # noqa: F401  (resolvers)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest input (257 px)
+NUM_CLASSES = 3
+
+
+def build(model: str, backbone: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=.", f"model={model}", f"backbone={backbone}",
+                                          f"input_size=[{SIZE[0]},{SIZE[1]}]"])
+    with open_dict(cfg):
+        cfg.data.classes = [f"c{i}" for i in range(NUM_CLASSES)]
+    return hydra.utils.instantiate(cfg.model)
+
+
+def batch_with_an_empty_image(generator: torch.Generator, boxes_per_image: int = 3) -> dict:
+    h, w = SIZE
+    xy = torch.rand(2, boxes_per_image, 2, generator=generator) * torch.tensor([w, h]) * 0.6
+    wh = torch.rand(2, boxes_per_image, 2, generator=generator) * 80 + 12
+    mask = torch.ones(2, boxes_per_image, dtype=torch.bool)
+    mask[1] = False  # the second image has no objects
+    return {
+        "images": torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=generator),
+        "boxes": torch.cat([xy, xy + wh], -1),
+        "labels": torch.randint(0, NUM_CLASSES, (2, boxes_per_image), generator=generator),
+        "mask": mask,
+        "weights": torch.ones(2, boxes_per_image),
+        "difficult": torch.zeros(2, boxes_per_image, dtype=torch.bool),
+        "num_skipped": torch.tensor(0),
+    }
+
+
+def assert_predictions_keep_the_contract(preds, batch_size):
+    assert len(preds) == batch_size
+    h, w = SIZE
+    for p in preds:
+        assert set(p) >= {"boxes", "scores", "labels"}
+        boxes = p["boxes"]
+        assert boxes.shape[1:] == (4,) and len(boxes) == len(p["scores"]) == len(p["labels"])
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert ((p["labels"] >= 0) & (p["labels"] < NUM_CLASSES)).all()
+        assert (p["scores"][:-1] >= p["scores"][1:]).all()  # best first
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_training_step_and_predict(model, backbone):
+    torch.manual_seed(0)
+    module = build(model, backbone)
+    module.train()
+    g = torch.Generator().manual_seed(1)
+    batch = module.on_after_batch_transfer(batch_with_an_empty_image(g), 0)
+    losses = module.detector.loss(module.detector(batch["images"], batch), batch, SIZE)
+    assert "loss" in losses and len(losses) > 1
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    losses["loss"].backward()
+    no_grad = [n for n, p in module.detector.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without a gradient (DDP would refuse them): {no_grad[:3]}"
+
+    # a batch without any box at all (M = 0) trains too
+    empty = {**batch, **{k: batch[k][:, :0] for k in ("boxes", "labels", "mask", "weights", "difficult")}}
+    losses = module.detector.loss(module.detector(empty["images"], empty), empty, SIZE)
+    assert torch.isfinite(losses["loss"])
+
+    module.eval()
+    with torch.no_grad():
+        preds = module.detector.predict(module.detector(batch["images"]), SIZE)
+    assert_predictions_keep_the_contract(preds, 2)
