@@ -4,8 +4,8 @@ architecture where torchvision has it, with parameter counts and GFLOPs, in one 
     python benchmarks/backbones.py                                  # GPU: batch 32, sizes 300 and 416, bf16
     python benchmarks/backbones.py --device cpu --batch 2 --warmup 1 --iters 3 --no-amp   # the CPU table
 
-Each backbone returns every map up to stride 32 (the whole trunk). torchvision's counterparts run the
-same layers: ``vgg16(_bn).features`` (pool5 included) and ``mobilenet_v2.features``. Our VGG16 pools in
+Each backbone runs its whole trunk and returns its stride-32 map, as torchvision's counterparts do (every
+tap returned would add gradients torchvision's side has not): they run the same layers: ``vgg16(_bn).features`` (pool5 included) and ``mobilenet_v2.features``. Our VGG16 pools in
 ceil mode (SSD300's 38x38 conv4_3 at 300 px), torchvision's in floor mode: at 300 px ours computes
 conv5 on 19x19 maps where torchvision's has 18x18; at 416 (and any multiple of 32) the two are the same. The loss is the
 sum of the means of the returned maps, so backward runs through every layer. GFLOPs are forward
@@ -25,8 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_steps  # noqa: E402
 
-ALL_STRIDES = {"vgg16": [1, 2, 4, 8, 16, 32], "vgg16_bn": [1, 2, 4, 8, 16, 32], "darknet19": [1, 2, 4, 8, 16, 32],
-               "darknet53": [2, 4, 8, 16, 32], "mobilenet_v1": [2, 4, 8, 16, 32], "mobilenet_v2": [2, 4, 8, 16, 32]}
+BACKBONES = ["vgg16", "vgg16_bn", "darknet19", "darknet53", "mobilenet_v1", "mobilenet_v2"]
 
 
 def ours(name: str) -> torch.nn.Module:
@@ -34,7 +33,7 @@ def ours(name: str) -> torch.nn.Module:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "backbone" / f"{name}.yaml")
-    cfg.out_strides = ALL_STRIDES[name]
+    cfg.out_strides = [32]  # the whole trunk
     return hydra.utils.instantiate(cfg)
 
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--backbones", nargs="+", default=list(ALL_STRIDES))
+    p.add_argument("--backbones", nargs="+", default=BACKBONES)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)

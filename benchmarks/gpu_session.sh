@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU-side checks on the lent GPU machine (see /work/.library/device/README.md), from the
 # repo root, with .whl/ (../shared/gpu/wheels.sh) and .bccd/ (a copy of ../shared/datasets/BCCD) carried:
-#   bash benchmarks/gpu_session.sh bench     # training step (plain, compiled, plain VGG16) and inference vs torchvision
+#   bash benchmarks/gpu_session.sh bench     # training step (plain, compiled, plain VGG16), inference and every backbone vs torchvision
 #   bash benchmarks/gpu_session.sh evalbench # COCO eval (GPU, CPU, pycocotools, faster-coco-eval), data loader (16 cores)
 #   bash benchmarks/gpu_session.sh shapes    # default shapes run, in the background (setsid): poll logs/
 #   bash benchmarks/gpu_session.sh bccd      # experiment=ssd300_bccd, in the background
@@ -20,6 +20,7 @@ case "${1:-bench}" in
     python benchmarks/train_throughput.py --compile --json logs/throughput.json 2>&1 | tee "$OUT/throughput.log"
     python benchmarks/train_throughput.py --json logs/throughput_vgg16.json backbone=vgg16 2>&1 | tail -8 | tee -a "$OUT/throughput.log"
     python benchmarks/inference.py --compile --json logs/inference.json 2>&1 | tee "$OUT/inference.log"
+    python benchmarks/backbones.py --json logs/backbones.json 2>&1 | tee "$OUT/backbones.log"
     cp logs/*.json "$OUT/" ;;
   evalbench)
     python benchmarks/coco_eval.py --json logs/coco_eval.json 2>&1 | tee "$OUT/coco_eval.log"

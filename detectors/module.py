@@ -102,8 +102,8 @@ class DetectionModule(L.LightningModule):
 
         The backbone says its smallest side and size divisor; then the forward runs on the meta device
         (shapes only, no arithmetic, about 0.05 s), which finds what the rest of the network needs (SSD300's
-        extras: >= 257 px). Only a map that becomes empty is called "too small"; any other failure is
-        reported as it is."""
+        extras: >= 257 px). Only a map that becomes empty, or a kernel larger than its map, is called "too
+        small"; any other failure is reported as it is."""
         backbone = getattr(self.detector, "backbone", None)
         label = "input_size" if tuple(size) == self.input_size else "multiscale size"
         smallest = getattr(backbone, "min_size", 1)
@@ -134,7 +134,10 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"{label} {tuple(size)} is too small for this detector ({e})") from None
         except RuntimeError as e:
             message = str(e).splitlines()[0]
-            reason = "too small for this detector" if "smaller than kernel size" in message or "Kernel size can't be greater" in message else "not accepted by this detector"
+            # a kernel larger than its input map means the input is too small; anything else (a channel
+            # mismatch of a misconfigured part, say) is not, and is reported as it is
+            too_small = "kernel size" in message.lower() and ("greater" in message or "smaller" in message)
+            reason = "too small for this detector" if too_small else "not accepted by this detector"
             raise ValueError(f"{label} {tuple(size)} is {reason} ({message})") from None
         finally:
             for hook in hooks:

@@ -20,10 +20,10 @@ SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest inpu
 NUM_CLASSES = 3
 
 
-def build(model: str, backbone: str):
+def build(model: str, backbone: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=.", f"model={model}", f"backbone={backbone}",
-                                          f"input_size=[{SIZE[0]},{SIZE[1]}]"])
+                                          f"input_size=[{SIZE[0]},{SIZE[1]}]", *overrides])
     with open_dict(cfg):
         cfg.data.classes = [f"c{i}" for i in range(NUM_CLASSES)]
     return hydra.utils.instantiate(cfg.model)
@@ -84,3 +84,14 @@ def test_training_step_and_predict(model, backbone):
     with torch.no_grad():
         preds = module.detector.predict(module.detector(batch["images"]), SIZE)
     assert_predictions_keep_the_contract(preds, 2)
+
+
+@pytest.mark.parametrize("backbone,attention", [("mobilenet_v2", "se"), ("darknet19", "cbam")])
+def test_attention_is_one_config_line(backbone, attention):
+    plain, with_attention = build("ssdlite", backbone), build("ssdlite", backbone, f"backbone.attention={attention}")
+    added = [n for n, _ in with_attention.detector.named_parameters() if "attention" in n]
+    assert added and not [n for n, _ in plain.detector.named_parameters() if "attention" in n]
+    g = torch.Generator().manual_seed(2)
+    batch = with_attention.on_after_batch_transfer(batch_with_an_empty_image(g), 0)
+    with_attention.detector.loss(with_attention.detector(batch["images"]), batch, SIZE)["loss"].backward()
+    assert all(p.grad is not None for n, p in with_attention.detector.named_parameters() if "attention" in n)

@@ -71,6 +71,20 @@ def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
         assert f"\n{name}" in out
 
 
+@pytest.mark.slow
+def test_another_model_and_backbone_by_config_train_and_evaluate(tmp_path):
+    """One line swaps the model and one the backbone; evaluate.py rebuilds that model from the checkpoint,
+    with the backbone's own input statistics (darknet's: none)."""
+    out = run("train.py", "model=ssdlite", "backbone=darknet19", "trainer.max_epochs=1", run_dir(tmp_path, "run"),
+              *TINY)
+    assert "backbone darknet19: weights from random init" in out
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("detector.backbone.features.") for k in ckpt["state_dict"])
+    out = run("evaluate.py", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "split=val",
+              "num_workers=0", "trainer.accelerator=cpu", run_dir(tmp_path, "eval"))
+    assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+
+
 def read_metrics(run_folder: Path) -> list[dict[str, str]]:
     with open(run_folder / "csv" / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
