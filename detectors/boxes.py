@@ -50,6 +50,15 @@ class DeltaBoxCoder:
         self.weights = tuple(float(w) for w in weights)
         # decoded w/h = exp(t / ww) * reference: clamped like torchvision so an untrained head cannot overflow
         self.max_log_scale = max_log_scale
+        self._weight_tensors: dict[tuple, Tensor] = {}
+
+    def _weights_like(self, x: Tensor) -> Tensor:
+        """The weights as a (4,) tensor on ``x``'s device, made once per device and dtype: a new tensor
+        per call would be a host-to-device copy (and a wait for the GPU) in every training step."""
+        key = (x.device, x.dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=x.dtype, device=x.device)
+        return self._weight_tensors[key]
 
     @classmethod
     def from_variances(cls, variances: tuple[float, float]) -> "DeltaBoxCoder":
@@ -59,7 +68,7 @@ class DeltaBoxCoder:
 
     def encode(self, boxes: Tensor, references: Tensor) -> Tensor:
         """boxes (..., 4) xyxy, references (..., 4) cxcywh (broadcastable) -> deltas (..., 4)."""
-        w = torch.tensor(self.weights, dtype=boxes.dtype, device=boxes.device)
+        w = self._weights_like(boxes)
         b = box_convert(boxes, "xyxy", "cxcywh")
         # a degenerate GT never becomes a positive (dropped at load), the clamp only guards log(0)
         wh = b[..., 2:].clamp(min=1e-6)
@@ -73,7 +82,7 @@ class DeltaBoxCoder:
 
     def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
         """deltas (..., 4), references (..., 4) cxcywh (broadcastable) -> boxes (..., 4) xyxy."""
-        w = torch.tensor(self.weights, dtype=deltas.dtype, device=deltas.device)
+        w = self._weights_like(deltas)
         centre = references[..., :2] + deltas[..., :2] / w[:2] * references[..., 2:]
         size = references[..., 2:] * torch.exp((deltas[..., 2:] / w[2:]).clamp(max=self.max_log_scale))
         return torch.cat([centre - size / 2, centre + size / 2], dim=-1)

@@ -75,6 +75,32 @@ def check_out_strides(name: str, out_strides: Sequence[int], available: Mapping[
     return strides
 
 
+def stack_with_pools(layout: Sequence, conv: Callable[[int, object], nn.Module | list[nn.Module]]
+                     ) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
+    """A plain conv stack (VGG16, DarkNet-19) from its layout: "M" is a 2x2/2 max-pool in ceil mode (the
+    paper's SSD300 sizes, 300 -> 150 -> 75 -> 38 -> 19, and darknet's own pooling of odd maps); any other
+    entry is a conv, made by ``conv(in_channels, entry)``, which returns a module or a list of modules
+    whose last conv's ``out_channels`` is the new width.
+
+    Returns the layers and the taps: stride -> (index of the last layer at that stride, its channels).
+    """
+    layers: list[nn.Module] = []
+    taps: dict[int, tuple[int, int]] = {}
+    in_ch, stride = 3, 1
+    for entry in layout:
+        if entry == "M":
+            taps[stride] = (len(layers) - 1, in_ch)
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            stride *= 2
+            continue
+        made = conv(in_ch, entry)
+        made = made if isinstance(made, list) else [made]
+        layers += made
+        in_ch = [m for block in made for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    taps[stride] = (len(layers) - 1, in_ch)
+    return nn.Sequential(*layers), taps
+
+
 class SequentialBackbone(Backbone):
     """A backbone made of one ``nn.Sequential`` read at taps.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from detectors.backbones.attention import make_attention
-from detectors.backbones.base import UNIT_MEAN, UNIT_STD, SequentialBackbone
+from detectors.backbones.base import UNIT_MEAN, UNIT_STD, SequentialBackbone, stack_with_pools
 from detectors.backbones.weights import load_darknet_weights
 
 # YOLOv2 Table 6 up to its last 3x3 conv: (filters, kernel) or "M", a 2x2/2 max-pool
@@ -65,23 +65,9 @@ class Residual(nn.Module):
 def darknet19_features() -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
     """DarkNet-19's layers and taps: stride -> (index of the last layer at that stride, channels):
     1 conv 32, 2 conv 64, 4 conv 128, 8 conv 256, 16 the 13th conv (512; YOLOv2's passthrough
-    reads it), 32 the 18th conv (1024)."""
-    layers: list[nn.Module] = []
-    taps: dict[int, tuple[int, int]] = {}
-    in_ch, stride = 3, 1
-    for v in DARKNET19_LAYERS:
-        if v == "M":
-            taps[stride] = (len(layers) - 1, in_ch)
-            # darknet's maxpool covers the last row/column of an odd map (its output is ceil(H / 2)):
-            # ceil_mode does the same, and keeps both nets' map sizes equal at any input size
-            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            stride *= 2
-        else:
-            out_ch, k = v
-            layers.append(ConvBN(in_ch, out_ch, k))
-            in_ch = out_ch
-    taps[stride] = (len(layers) - 1, in_ch)
-    return nn.Sequential(*layers), taps
+    reads it), 32 the 18th conv (1024). darknet's maxpool covers the last row/column of an odd map
+    (its output is ceil(H / 2)), as the ceil-mode pools here do."""
+    return stack_with_pools(DARKNET19_LAYERS, lambda in_ch, spec: ConvBN(in_ch, spec[0], spec[1]))
 
 
 def darknet53_features(attention: str | None) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone
+from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone, stack_with_pools
 from detectors.layers import conv_block, init_kaiming
 
 # torchvision's vgg16 "D" configuration; "M" is a 2x2 max-pool
@@ -25,21 +25,9 @@ def vgg16_features(batch_norm: bool) -> tuple[nn.Sequential, dict[int, tuple[int
     """torchvision's VGG16 ``features`` with ceil-mode pools, and its taps: stride -> (index of the
     last layer at that stride, channels): 1 conv1_2, 2 conv2_2, 4 conv3_3, 8 conv4_3, 16 conv5_3
     (after their ReLU), 32 pool5."""
-    layers: list[nn.Module] = []
-    taps: dict[int, tuple[int, int]] = {}
-    in_ch, stride = 3, 1
-    for v in VGG16_LAYERS:
-        if v == "M":
-            taps[stride] = (len(layers) - 1, in_ch)
-            # ceil_mode on every pool, so 300 -> 150 -> 75 -> 38 -> 19 as in the paper's SSD300
-            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            stride *= 2
-        else:
-            # torchvision's vgg16_bn keeps the conv bias before BN: kept, so its weights load exactly
-            layers += conv_block(in_ch, int(v), batch_norm, bias=True, kernel_size=3, padding=1)
-            in_ch = int(v)
-    taps[stride] = (len(layers) - 1, in_ch)
-    return nn.Sequential(*layers), taps
+    # torchvision's vgg16_bn keeps the conv bias before BN: kept, so its weights load exactly
+    return stack_with_pools(VGG16_LAYERS, lambda in_ch, width: conv_block(in_ch, int(width), batch_norm, bias=True,
+                                                                           kernel_size=3, padding=1))
 
 
 class VGG16(SequentialBackbone):

@@ -145,7 +145,6 @@ class SSDHead(nn.Module):
         priors = self.make_priors(raw, image_size)
         scores = raw.cls_logits.float().softmax(-1)[..., 1:]  # (B, A, C)
         boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
-
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)
 
