@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU-side checks on the lent GPU machine (see /work/.library/device/README.md), from the
 # repo root, with .whl/ (../shared/gpu/wheels.sh) and .bccd/ (a copy of ../shared/datasets/BCCD) carried:
-#   bash benchmarks/gpu_session.sh bench     # training step (plain, compiled, plain VGG16), inference and every backbone vs torchvision
+#   bash benchmarks/gpu_session.sh bench     # training step (plain, compiled, plain VGG16), trainer.fit vs the step, inference, NMS strategies and every backbone vs torchvision
 #   bash benchmarks/gpu_session.sh evalbench # COCO eval (GPU, CPU, pycocotools, faster-coco-eval), data loader (16 cores)
 #   bash benchmarks/gpu_session.sh shapes    # default shapes run, in the background (setsid): poll logs/
 #   bash benchmarks/gpu_session.sh bccd      # experiment=ssd300_bccd, in the background
@@ -19,7 +19,12 @@ case "${1:-bench}" in
     # the figures also stay in logs/ while the machine is held: evalbench reads the training rate
     python benchmarks/train_throughput.py --compile --json logs/throughput.json 2>&1 | tee "$OUT/throughput.log"
     python benchmarks/train_throughput.py --json logs/throughput_vgg16.json backbone=vgg16 2>&1 | tail -8 | tee -a "$OUT/throughput.log"
+    # the real loop (trainer.fit, default callbacks) against the same isolated step: target >= 0.90 of its img/s
+    python benchmarks/loop_throughput.py --json logs/loop.json 2>&1 | tail -7 | tee "$OUT/loop.log"
+    python benchmarks/loop_throughput.py --size 320 --json logs/loop_ssdlite.json model=ssdlite 2>&1 | tail -7 | tee -a "$OUT/loop.log"
     python benchmarks/inference.py --compile --json logs/inference.json 2>&1 | tee "$OUT/inference.log"
+    # decode + NMS strategies at batch 32, 3/20/80 classes (postprocess.py's GPU rule is unmeasured until this runs)
+    python benchmarks/nms.py --json logs/nms.json 2>&1 | tee "$OUT/nms.log"
     python benchmarks/backbones.py --json logs/backbones.json 2>&1 | tee "$OUT/backbones.log"
     cp logs/*.json "$OUT/" ;;
   evalbench)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,107 @@ def check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str 
         )
 
 
-def find_last_checkpoint(runs_dir: str | Path) -> Path | None:
-    """The newest ``checkpoints/last.ckpt`` below ``runs_dir`` (for ``ckpt_path=auto``), or None."""
-    candidates = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+def last_checkpoints(runs_dir: str | Path) -> list[Path]:
+    """Every ``*/checkpoints/last.ckpt`` of ``runs_dir``, newest first."""
+    return sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# Keys of the resolved run config (dotted prefixes) that may differ between a run and the run that resumes
+# it (``ckpt_path=auto``): where files go, how long to train (extending a run is why one resumes), what
+# is logged and checked, how fast data loads and the network runs. Everything else makes the run: model
+# parts, losses, data (root, splits, sizes, classes, batch size, augmentation), input size, optimizer,
+# schedule, mixup, multi-scale, precision, devices, gradient clipping, and the seed: runs that differ
+# only in it are replicas of one experiment (a resumed run takes its RNG state from the checkpoint).
+RESUME_IGNORED_KEYS = (
+    "ckpt_path", "resume_in_run_folder", "test", "optimized_metric", "task_name", "paths", "hydra",
+    "logger", "callbacks",
+    "trainer.max_epochs", "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps", "trainer.max_time",
+    "trainer.default_root_dir", "trainer.accelerator", "trainer.benchmark", "trainer.log_every_n_steps",
+    "trainer.check_val_every_n_epoch", "trainer.val_check_interval", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.num_sanity_val_steps", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.cache",
+    "model.compile", "model.channels_last",
+)
+
+ABSENT = "<absent>"
+
+
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    """``{dotted.key: value}`` of a plain config; lists are values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    if not node:
+        return {prefix: {}} if prefix else {}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _ignored(key: str, ignored: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in ignored)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain_leaves(config: DictConfig | dict) -> dict[str, object]:
+    """The resolved leaves of a config, through YAML as a checkpoint's copy went (so both read alike)."""
+    config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+    return _leaves(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(config, resolve=True)), resolve=True))
+
+
+def _differences(old: dict[str, object], new: dict[str, object], ignored: tuple[str, ...]) -> list[str]:
+    keys = list(new) + [k for k in old if k not in new]
+    return [f"{k}: {_short(old.get(k, ABSENT))} vs {_short(new.get(k, ABSENT))}"
+            for k in keys if not _ignored(k, ignored) and old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def config_differences(stored: DictConfig | dict, current: DictConfig | dict,
+                       ignored: tuple[str, ...] = RESUME_IGNORED_KEYS) -> list[str]:
+    """``key: stored vs current`` for each setting in which a checkpoint's run config and this run's
+    differ (both resolved; keys under ``ignored`` left out), in this run's key order."""
+    return _differences(_plain_leaves(stored), _plain_leaves(current), ignored)
+
+
+def read_run_config(path: str | Path) -> DictConfig:
+    """The run config stored in a checkpoint of train.py, without reading its tensors (memory-mapped);
+    ValueError for a file that is not one."""
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 (a file that cannot be read is refused, whatever the reason)
+        raise ValueError(f"not a readable checkpoint ({type(e).__name__})") from None
+    config = ckpt.get("hyper_parameters", {}).get("run_config") if isinstance(ckpt, dict) else None
+    try:
+        run = OmegaConf.create(config) if isinstance(config, str) else None
+    except Exception:  # noqa: BLE001 (YAML that does not parse)
+        run = None
+    if not isinstance(run, DictConfig) or "model" not in run:
+        raise ValueError("no run config of train.py in it")
+    return run
+
+
+def find_resumable_checkpoint(runs_dir: str | Path, config: DictConfig | dict,
+                              max_reasons: int = 3) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """For ``ckpt_path=auto``: the newest ``*/checkpoints/last.ckpt`` of ``runs_dir`` whose run config
+    matches ``config`` (but for ``RESUME_IGNORED_KEYS``), or None; and the newer ones refused, each with
+    why (its first ``max_reasons`` differing keys, ``key: checkpoint's vs this run's``)."""
+    refused: list[tuple[Path, str]] = []
+    current = _plain_leaves(config)
+    for path in last_checkpoints(runs_dir):
+        try:
+            differences = _differences(_plain_leaves(read_run_config(path)), current, RESUME_IGNORED_KEYS)
+        except OmegaConfBaseException as e:  # a stored config that no longer resolves
+            refused.append((path, f"its run config does not resolve ({str(e).splitlines()[0]})"))
+            continue
+        except ValueError as e:
+            refused.append((path, str(e)))
+            continue
+        if not differences:
+            return path, refused
+        more = len(differences) - max_reasons
+        refused.append((path, "; ".join(differences[:max_reasons]) + (f"; {more} more" if more > 0 else "")))
+    return None, refused

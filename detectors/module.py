@@ -188,7 +188,9 @@ class DetectionModule(L.LightningModule):
         images = batch["images"]
         raw = self.detector(images, batch)  # targets reach two-stage heads (proposal sampling)
         losses = self.detector.loss(raw, batch, tuple(images.shape[-2:]))
-        self.log("train/loss", losses["loss"], prog_bar=True)
+        # not prog_bar=True: Lightning would read it to the host after every batch (a GPU sync per step);
+        # the project's progress bar shows it, read every log_every_n_steps (callbacks/progress.py)
+        self.log("train/loss", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         # per-epoch counts of what the data path dropped (unreadable images, boxes lost to augmentation)
         self.log("train/skipped_samples", batch["num_skipped"].float(), reduce_fx="sum", on_step=False, on_epoch=True)
@@ -202,8 +204,11 @@ class DetectionModule(L.LightningModule):
         """Predictions and ground truth of a batch in each image's original pixel frame.
 
         Boxes go back through the inverse of each image's ``frames`` entry (stretch or letterbox alike)
-        and are clipped to the original image; a batch without ``frames`` (made by hand) was resized
-        plainly from ``orig_sizes``."""
+        and are clipped to the original image. The ground truth is the file's own annotations
+        (``gt_*`` of an evaluation loader's batch: every box as written, with its COCO area and crowd
+        flag, so the stats equal pycocotools' on the dataset's file); a batch without them (made by
+        hand) has its training boxes mapped back, resized plainly from ``orig_sizes`` if it has no
+        ``frames``. One host read per batch (the box counts), none per image."""
         images = batch["images"]
         size = tuple(images.shape[-2:])
         preds = self.detector.predict(self.detector(images), size)
@@ -211,19 +216,18 @@ class DetectionModule(L.LightningModule):
         frames = batch.get("frames")
         if frames is None:
             frames = stretch_frames(orig, size)
-        gt_boxes = boxes_to_original(batch["boxes"], frames[:, None], orig[:, None])  # (B, M, 4), whole batch
-        targets = []
         for i, p in enumerate(preds):
             p["boxes"] = boxes_to_original(p["boxes"], frames[i], orig[i])
-            m = batch["mask"][i]
-            targets.append(
-                {
-                    "boxes": gt_boxes[i][m],
-                    "labels": batch["labels"][i][m],
-                    "difficult": batch["difficult"][i][m],
-                    "iscrowd": batch["iscrowd"][i][m],
-                }
-            )
+        if "gt_boxes" in batch:
+            columns = {"boxes": batch["gt_boxes"], "labels": batch["gt_labels"], "difficult": batch["gt_difficult"],
+                       "iscrowd": batch["gt_iscrowd"], "area": batch["gt_area"]}
+            counts = batch["gt_counts"].tolist()
+        else:
+            gt_boxes = boxes_to_original(batch["boxes"], frames[:, None], orig[:, None])  # (B, M, 4), whole batch
+            columns = {"boxes": gt_boxes, "labels": batch["labels"], "difficult": batch["difficult"],
+                       "iscrowd": batch["iscrowd"]}
+            counts = batch["mask"].sum(1).tolist()  # padding is at the end of each row (collate_detection)
+        targets = [{k: v[i, :n] for k, v in columns.items()} for i, n in enumerate(counts)]
         return preds, targets
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, list[dict]]:

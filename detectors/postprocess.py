@@ -1,16 +1,67 @@
-"""decode -> top-k -> batched NMS -> per-image results, shared by every head.
+"""decode -> top-k -> per-class NMS -> per-image results, shared by every head.
 
 A head decodes its raw outputs into boxes and per-class scores for the whole batch; this keeps the
-best ``pre_nms_top_k`` candidates per class and image above a score threshold, runs one
-``torchvision.ops.batched_nms`` for the whole batch (one group per image and class), and cuts each
-image to its ``max_detections`` best. No Python loop over images or classes.
+best ``pre_nms_top_k`` candidates per class and image above a score threshold, runs exact greedy NMS
+inside every (image, class) group (what ``torchvision.ops.nms`` keeps on that group's candidates),
+and cuts each image to its ``max_detections`` best: descending score, ties lower class first, then
+top-k rank.
+
+How the NMS runs (``choose_strategy``; ``benchmarks/nms.py``, BENCHMARKS.md "Decode + NMS strategies"):
+
+* CPU: ``per_group`` at every size, one ``nms`` call per non-empty group on its contiguous slice of
+  the candidates. SSD300, batch 32, SSD's eval settings, decode + top-k + NMS + cut in ms per batch
+  on a 2-core CPU shared with other jobs (2026-12-02; "random": every prior a candidate, "real": about
+  1.5% of priors x classes over the threshold; median of 5 rounds, * one call, -- not run):
+
+  ===================================  ======  =====  ======  =====  ======  =====
+  classes                                   3      3      20     20      80     80
+  scores                               random   real  random   real  random   real
+  candidates after the top-400 cut        38k    13k    256k    79k   1.02M   310k
+  per group, contiguous slices (this)     159     91     945    276    5490   1511
+  tensorised exact greedy                 334    128    2588    478  12843*   2497
+  one batched_nms (until 2026-12-02)      247     85    1967    535  15761*   7133
+  per image, classes shifted apart        259     89    5907    678      --  11275*
+  per class, images shifted apart         997    168   10043    744  42819*   5180
+  decode + top-k + cut alone               72     57     307    136    1479    843
+  ===================================  ======  =====  ======  =====  ======  =====
+
+  The kernel skips boxes already suppressed, the tensorised path computes all k x k IoUs of a group:
+  1.4-2.7x slower here. The coordinate-offset ways (one ``nms`` over groups shifted apart) are slower at
+  scale, since a call is quadratic in its boxes, and they are not exact: a shift of up to groups x
+  (largest coordinate + 1) rounds float32 coordinates (to 1/16 px at 32 x 80 groups of 300 px), which
+  flips IoU decisions near the threshold (``tests/test_postprocess.py`` has one). They tie with one
+  call per group only at the smallest size (13k candidates, 85-91 ms: the noise of this machine).
+* GPU (not measured yet: no GPU lent; ``benchmarks/gpu_session.sh bench`` runs the benchmark):
+  ``tensorised`` from ``TENSORISED_MIN_GROUPS`` = 8 non-empty groups on (float32/float64 boxes), else
+  ``per_group``. Estimated: an ``nms`` call on the GPU costs a host sync and a host pass (about 0.1 ms:
+  a quarter second for 2560 groups), the tensorised path about 15 kernels over each chunk of IoU
+  matrices plus a few fixed-point steps (8 at 20 classes, random scores). It reproduces the CPU
+  kernel's arithmetic; the benchmark counts any box where it and the CUDA kernel disagree. Set
+  ``TENSORISED_MIN_GROUPS = None`` to keep the GPU on per-group calls.
+
+Until 2026-12-02 this ran one ``torchvision.ops.batched_nms`` over the whole batch (group = image x
+classes + class). torchvision takes its coordinate trick up to 1000 boxes on the CPU and 25 000 on
+the GPU (``boxes.numel()`` 4000 / 100 000): one call over the whole batch shifted apart, with the
+rounding above. Beyond that it takes ``_batched_nms_vanilla``: the per-group calls here plus a search of
+all candidates for every group (groups x candidates: 2.6x slower at 80 classes with random scores,
+4.7x with real ones). Above the switch the kept boxes are the same as now, and so is their order,
+except that ties in score across the groups of an image came out in the order of an unstable sort.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
+
+#: the ways ``grouped_nms`` can run; every one keeps exactly what per-group ``torchvision.ops.nms`` keeps
+STRATEGIES = ("per_group", "tensorised")
+#: IoU entries per chunk of groups in the tensorised path, per device type: on the CPU a chunk whose
+#: temporaries stay in cache (2^20 entries: 2.3x faster than 2^25 at 20 classes); on a GPU 2^25
+#: (128 MiB per float32 temporary, three at the peak)
+TENSORISED_CHUNK = {"cpu": 1 << 20, "default": 1 << 25}
+#: off the CPU, the tensorised path from this many non-empty groups on (None: never)
+TENSORISED_MIN_GROUPS: int | None = 8
 
 
 def multiclass_nms(boxes: Tensor, scores: Tensor, score_threshold: float, nms_threshold: float,
@@ -27,25 +78,152 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_threshold: float, nms_th
         max_detections: boxes kept per image after NMS.
 
     Returns:
-        one dict per image: boxes (N, 4), scores (N,) descending, labels (N,) 0..C-1.
+        one dict per image: boxes (N, 4), scores (N,) descending (ties: lower class first, then the
+        top-k rank), labels (N,) 0..C-1.
     """
+    top_scores, top_boxes = per_class_top_k(boxes, scores, pre_nms_top_k)
+    kept = grouped_nms(top_boxes, top_scores, top_scores > score_threshold, nms_threshold)
+    return kept_per_image(kept, top_boxes, top_scores, max_detections)
+
+
+def per_class_top_k(boxes: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The best ``k`` anchors of every image and class, in descending score order:
+    scores (B, C, k) and their boxes (B, C, k, 4)."""
     batch, num_anchors, classes = scores.shape
-    k = min(pre_nms_top_k, num_anchors)
+    k = min(k, num_anchors)
     top_scores, top_idx = scores.transpose(1, 2).topk(k, dim=2)  # (B, C, k)
     if boxes.dim() == 3:
-        top_boxes = boxes.gather(1, top_idx.reshape(batch, -1, 1).expand(-1, -1, 4)).view(batch, classes, k, 4)
+        top_boxes = boxes.gather(1, top_idx.reshape(batch, classes * k, 1).expand(-1, -1, 4)).view(batch, classes, k, 4)
     else:  # (B, A, C, 4) -> (B, C, A, 4), then the class's own boxes of its top-k
         per_class = boxes.transpose(1, 2)
         top_boxes = per_class.gather(2, top_idx.unsqueeze(-1).expand(-1, -1, -1, 4))
-    image_idx = torch.arange(batch, device=boxes.device).view(-1, 1, 1).expand_as(top_scores)
-    class_idx = torch.arange(classes, device=boxes.device).view(1, -1, 1).expand_as(top_scores)
+    return top_scores, top_boxes
 
-    keep = top_scores > score_threshold
-    cand_scores, cand_boxes = top_scores[keep], top_boxes[keep]
-    cand_images, cand_classes = image_idx[keep], class_idx[keep]
-    kept = batched_nms(cand_boxes, cand_scores, cand_images * classes + cand_classes, nms_threshold)
-    return split_per_image(kept, cand_images, batch, max_detections,
-                           {"boxes": cand_boxes, "scores": cand_scores, "labels": cand_classes})
+
+def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float,
+                strategy: str | None = None) -> Tensor:
+    """Greedy NMS inside every group (one row of the leading dimensions: an image and class).
+
+    Args:
+        boxes: (..., k, 4) xyxy; scores: (..., k) in descending order along the last dimension (top-k's
+            output); valid: (..., k) bool, the candidates (others neither kept nor suppressing).
+        strategy: one of ``STRATEGIES``, or None for the module's rule (``choose_strategy``).
+
+    Returns:
+        (..., k) bool: the candidates that ``torchvision.ops.nms`` keeps on each group's candidates.
+    """
+    flat_valid, flat_boxes = valid.flatten(0, -2), boxes.flatten(0, -3)  # (groups, k), (groups, k, 4)
+    counts = flat_valid.sum(1).tolist()
+    if strategy is None:
+        strategy = choose_strategy(sum(counts), sum(n > 0 for n in counts), boxes.device, boxes.dtype)
+    if strategy == "per_group":
+        kept = _per_group(flat_boxes, scores.flatten(0, -2), flat_valid, counts, iou_threshold)
+    elif strategy == "tensorised":
+        kept = _tensorised(flat_boxes, flat_valid, iou_threshold)
+    else:
+        raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
+    return kept.view_as(valid)
+
+
+def choose_strategy(candidates: int, groups: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The rule of the module docstring: the ``STRATEGIES`` entry for ``candidates`` boxes in ``groups``
+    non-empty (image, class) groups of ``dtype`` boxes on ``device``."""
+    if (device.type != "cpu" and TENSORISED_MIN_GROUPS is not None and groups >= TENSORISED_MIN_GROUPS
+            and dtype in (torch.float32, torch.float64)):
+        return "tensorised"
+    return "per_group"
+
+
+def _per_group(boxes: Tensor, scores: Tensor, valid: Tensor, counts: list[int], iou_threshold: float) -> Tensor:
+    """One ``torchvision.ops.nms`` call per non-empty group, on its candidates only (contiguous once
+    compacted, so no search over the batch per group as ``batched_nms``'s own loop does)."""
+    cand_boxes, cand_scores = boxes[valid], scores[valid]
+    kept_cand = torch.zeros(len(cand_scores), dtype=torch.bool, device=boxes.device)
+    start = 0
+    for n in counts:
+        if n == 1:
+            kept_cand[start] = True
+        elif n:
+            kept_cand[start + nms(cand_boxes[start:start + n], cand_scores[start:start + n], iou_threshold)] = True
+        start += n
+    kept = torch.zeros_like(valid)
+    kept[valid] = kept_cand
+    return kept
+
+
+def _tensorised(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """Exact greedy NMS vectorised over groups: the (g, k, k) matrix of "i suppresses j" per chunk of
+    groups, then the fixed point of ``kept[j] = valid[j] and no kept i < j suppresses j``.
+
+    The IoU is the one torchvision's CPU kernel computes, operation for operation in the boxes' dtype
+    (areas (x2 - x1) * (y2 - y1); inter = max(0, min x2 - max x1) * max(0, min y2 - max y1);
+    inter / (area_i + area_j - inter) > threshold, the threshold as the kernel compares it), so the
+    kept boxes are the CPU kernel's bit for bit, on any device. (The CUDA kernel computes the same
+    expression; if nvcc fuses a multiply-add in it, its IoU can differ in the last bit, so a pair
+    within an ulp of the threshold could be decided otherwise: the GPU benchmark counts that.)
+
+    The fixed point exists once and is the greedy result (rank j depends only on ranks < j);
+    iterating from ``valid`` reaches it in at most (longest chain of suppressions) + 1 steps, each
+    one batched matrix-vector product.
+    """
+    kept = torch.zeros_like(valid)
+    used = valid.any(0).nonzero()
+    if len(used) == 0:
+        return kept
+    width = int(used[-1]) + 1  # past the last candidate of any group: padding only
+    active = valid[:, :width].any(1).nonzero().squeeze(1)  # non-empty groups
+    threshold = _kernel_threshold(iou_threshold, boxes.device, boxes.dtype)
+    budget = TENSORISED_CHUNK.get(boxes.device.type, TENSORISED_CHUNK["default"])
+    chunk = max(1, budget // (width * width))
+    later = torch.ones(width, width, dtype=torch.bool, device=boxes.device).triu_(1)  # j after i
+    for part in active.split(chunk):
+        v = valid[part, :width]
+        x1, y1, x2, y2 = boxes[part, :width].unbind(-1)
+        area = (x2 - x1) * (y2 - y1)
+        w = torch.minimum(x2[:, :, None], x2[:, None, :]).sub_(torch.maximum(x1[:, :, None], x1[:, None, :]))
+        h = torch.minimum(y2[:, :, None], y2[:, None, :]).sub_(torch.maximum(y1[:, :, None], y1[:, None, :]))
+        inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+        del h
+        union = (area[:, :, None] + area[:, None, :]).sub_(inter)
+        suppresses = inter.div_(union) > threshold
+        del union, inter, w
+        suppresses &= later
+        suppresses &= v[:, :, None] & v[:, None, :]
+        matrix = suppresses.float()  # 0/1 and sums <= k: exact in float32
+        keep = v
+        while True:  # at most width + 1 steps; typically a handful (exact under autocast too: only == 0 counts)
+            hit = torch.bmm(keep.to(matrix.dtype).unsqueeze(1), matrix).squeeze(1)
+            new = v & (hit == 0)
+            if torch.equal(new, keep):
+                break
+            keep = new
+        kept[part, :width] = keep
+    return kept
+
+
+def _kernel_threshold(threshold: float, device: torch.device, dtype: torch.dtype) -> float:
+    """The threshold t' for which ``iou > t'`` in ``dtype`` decides as torchvision's kernel on ``device``:
+    the CUDA kernel takes the threshold as a float (rounded to nearest); the CPU kernel compares its
+    ``dtype`` IoU with the double, the same as comparing with the largest ``dtype`` value <= it."""
+    if device.type == "cuda":
+        return float(torch.tensor(threshold, dtype=torch.float32))
+    t = torch.tensor(threshold, dtype=dtype)
+    if float(t) > threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return float(t)
+
+
+def kept_per_image(kept: Tensor, boxes: Tensor, scores: Tensor, max_detections: int) -> list[dict[str, Tensor]]:
+    """kept (B, C, k) bool, boxes (B, C, k, 4), scores (B, C, k) -> per image its ``max_detections``
+    best kept boxes, scores, labels: descending score, ties in (class, rank) order."""
+    batch, classes, k = kept.shape
+    index = kept.flatten().nonzero().squeeze(1)  # (image, class, rank) order
+    kept_scores = scores.flatten()[index]
+    order = kept_scores.sort(descending=True, stable=True).indices
+    index, kept_scores = index[order], kept_scores[order]
+    fields = {"boxes": boxes.reshape(-1, 4)[index], "scores": kept_scores, "labels": index // k % classes}
+    return split_per_image(torch.arange(len(index), device=kept.device), index // (classes * k), batch,
+                           max_detections, fields)
 
 
 def split_per_image(kept: Tensor, images: Tensor, batch: int, max_detections: int,

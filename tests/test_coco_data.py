@@ -19,7 +19,6 @@ from detectors.data.transforms import build_transform
 from detectors.evaluation.results import category_ids_of, coco_detections
 
 
-
 @pytest.fixture
 def bccd_coco(bccd_as):
     """BCCD converted to COCO once per session (images linked, not copied)."""
@@ -51,7 +50,7 @@ def test_bccd_as_coco_has_the_boxes_of_the_voc_xml(bccd_coco, bccd_root):
         # the reference: the original xml, read without our loader's cleaning
         ann = parse_voc_xml(bccd_root / "Annotations" / (Path(record.file).stem + ".xml"))
         expected = [(box, ["Platelets", "RBC", "WBC"].index(n)) for n, box, _ in ann["objects"]
-                    if box[2] > box[0] and box[3] > box[1]]  # BCCD's degenerate boxes are left out
+                    if box[2] > box[0] and box[3] > box[1]]  # degenerate ones (none in BCCD since the 1-based reading) left out
         assert (record.width, record.height) == (ann["width"], ann["height"])
         np.testing.assert_array_equal(record.boxes, np.array([b for b, _ in expected], np.float32).reshape(-1, 4))
         assert record.labels.tolist() == [label for _, label in expected]
@@ -220,3 +219,30 @@ def test_bccd_coco_batches_through_the_ssd_augmentation(bccd_coco):
     assert batch["image_ids"].tolist() == [r.image_id for r in records]
     boxes = batch["boxes"][batch["mask"]]
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_evaluation_ground_truth_is_the_file_as_written(tmp_path):
+    """Training drops a zero-width box and clips one past the border; the ground truth evaluation
+    scores keeps both as the file has them, with the file's mask areas and crowd flags."""
+    write_coco(tmp_path, [img(1), img(2)], [
+        ann(1, 1, 5, [2, 3, 10, 20], area=150.5),
+        ann(2, 1, 9, [30, 4, 0, 10], area=0.0),  # zero width
+        ann(3, 1, 9, [50, 40, 30, 20], area=321.0),  # past the 64x48 image
+        ann(4, 1, 5, [0, 0, 60, 40], iscrowd=1, area=2000.0),
+    ])
+    source = COCOSource(tmp_path, splits={"train": "train"})
+    r1, r2 = source.records("train")
+    np.testing.assert_array_equal(r1.boxes, [[2, 3, 12, 23], [50, 40, 64, 48], [0, 0, 60, 40]])  # cleaned
+    gt = r1.ground_truth
+    np.testing.assert_array_equal(gt.boxes, [[2, 3, 12, 23], [30, 4, 30, 14], [50, 40, 80, 60], [0, 0, 60, 40]])
+    assert gt.area.tolist() == [150.5, 0.0, 321.0, 2000.0] and gt.iscrowd.tolist() == [False, False, False, True]
+    assert gt.labels.tolist() == [0, 1, 1, 0] and r1.area.tolist() == [150.5, 321.0, 2000.0]
+    # an evaluation dataset hands it to the batch; a training one does not
+    ds = DetectionDataset(source, [r1, r2], build_transform("none", (32, 32)), ground_truth=True)
+    batch = collate_detection([ds[0], ds[1]])
+    assert batch["gt_counts"].tolist() == [4, 0] and batch["gt_boxes"].dtype == torch.float64
+    np.testing.assert_array_equal(batch["gt_boxes"][0].numpy(), gt.boxes)
+    assert batch["gt_area"][0].tolist() == [150.5, 0.0, 321.0, 2000.0]
+    assert batch["gt_iscrowd"][0].tolist() == [False, False, False, True]
+    train = DetectionDataset(source, [r1, r2], build_transform("none", (32, 32)))
+    assert "gt_boxes" not in collate_detection([train[0], train[1]])

@@ -1,4 +1,7 @@
-"""Every config of every group composes, resolves and instantiates its part."""
+"""Every option of every config group builds a run as train.py builds it: the data module, the model
+(the parts the config names, for the data's classes), the optimizer and schedule (through the module's
+configure_optimizers), the callbacks, the loggers and the trainer; and the model runs a forward.
+The built-in shapes data serves every option that does not need BCCD, so only those skip without it."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,60 +11,173 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import detectors  # noqa: F401  (resolvers)
+from detectors.module import DetectionModule
+from detectors.tasks.train import (
+    build_datamodule,
+    instantiate_dict,
+    instantiate_loggers,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["data", "augment", "backbone", "neck", "head", "optimizer", "scheduler", "module", "model", "trainer",
           "callbacks", "logger", "experiment", "debug"]
+# the forward runs on a small input every model takes (SSD300's extras need 257 px and more) ...
+FORWARD_SIZE = (264, 280)
+# ... or on the size a head needs: None is the config's own input_size (YOLOv1's FC is built for that one
+# size), YOLOv2's grid takes multiples of 32
+FORWARD_SIZES = {"detectors.heads.yolov1.YOLOv1Head": None, "detectors.heads.yolov2.YOLOv2Head": (288, 320)}
+# YOLOv1's paper FC (4096 units, 205M weights at 448 px) only slows the test down
+SMALL_YOLOV1 = ["head.fc_width=64"]
+# options that need a partner to make a model (the neck's levels must be the priors' levels)
+PARTNERS = {
+    ("neck", "ssd512_extras"): ["model=ssd512"],
+    ("neck", "ssdlite_extras"): ["model=ssdlite"],
+    ("neck", "identity"): ["backbone=mobilenet_v2", "backbone.out_strides=[8,16,32]",
+                           "head.priors.aspect_ratios=[[2],[2,3],[2,3]]"],
+    ("head", "yolov1"): ["model=yolov1", *SMALL_YOLOV1],
+    ("model", "yolov1"): SMALL_YOLOV1,
+}
 
 
 def options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_train(overrides, tmp_path, root):
+def needs_bccd(group, option):
+    return (group == "data" and option != "shapes") or (group == "experiment" and option.endswith("_bccd"))
+
+
+def compose_train(overrides, tmp_path, root=None):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         if "root" in cfg.data.keys():  # keys() lists it while still ??? (mandatory)
+            assert root is not None, "this data option needs a dataset root"
             cfg.data.root = str(root)
         del cfg["hydra"]
     return cfg
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_config_composes_and_resolves(group, option, tmp_path, bccd_root, bccd_as):
-    root = bccd_as(option) if group == "data" and option in ("coco", "yolo") else bccd_root
-    cfg = compose_train([f"{group}={option}"], tmp_path, root)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    with open_dict(cfg):
-        cfg.data.classes = list(datamodule.classes)
+def targets(section: DictConfig | None) -> list[type]:
+    """The classes a callbacks/logger section names, in its order."""
+    return [get_class(c._target_) for c in (section or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_run(cfg: DictConfig):
+    """What train.py builds before ``fit``, with the same helpers."""
+    datamodule = build_datamodule(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert cfg.model._target_ == "detectors.module.DetectionModule"
+    model = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"), None)
+    accelerator = {} if torch.cuda.is_available() or cfg.trainer.get("accelerator") != "gpu" else {"accelerator": "cpu"}
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **accelerator)
+    return datamodule, model, callbacks, loggers, trainer
 
 
-@pytest.mark.parametrize("backbone", options("backbone"))
-def test_model_instantiates_with_each_backbone(backbone, tmp_path, bccd_root):
-    cfg = compose_train([f"backbone={backbone}"], tmp_path, bccd_root)
-    with open_dict(cfg):
-        cfg.data.classes = ["a", "b", "c"]
-    model = hydra.utils.instantiate(cfg.model)
-    assert model.detector.head.num_classes == 3
-    assert model.detector.head.priors.num_priors_per_cell == [4, 6, 6, 6, 4, 4]
+def check_run(cfg: DictConfig, datamodule, model, callbacks, loggers, trainer):
+    classes = list(datamodule.classes)
+    assert classes and list(cfg.data.classes) == classes
+
+    # the model: the parts the config names, for the data's classes
+    assert isinstance(model, DetectionModule) and model.class_names == classes
+    detector = model.detector
+    assert type(detector.backbone) is get_class(cfg.backbone._target_)
+    assert type(detector.neck) is get_class(cfg.neck._target_)
+    assert type(detector.head) is get_class(cfg.head._target_)
+    assert detector.head.num_classes == len(classes)
+    assert model.input_size == tuple(cfg.input_size)
+    assert OmegaConf.create(model.hparams.run_config).model.detector.backbone._target_ == cfg.backbone._target_
+
+    # the optimizer (and schedule) that Lightning gets: every trainable parameter once, 1-D ones undecayed
+    configured = model.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    assert type(optimizer) is get_class(cfg.optimizer._target_)
+    decay, no_decay = optimizer.param_groups
+    trainable = [p for p in detector.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in trainable}
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
+    assert decay["weight_decay"] == pytest.approx(cfg.optimizer.weight_decay) and no_decay["weight_decay"] == 0.0
+    if cfg.get("scheduler"):
+        scheduler = configured["lr_scheduler"]
+        assert scheduler["interval"] == "step"
+        assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.LRScheduler)
+        assert scheduler["scheduler"].optimizer is optimizer
+        assert all(g["initial_lr"] == pytest.approx(cfg.optimizer.lr) for g in optimizer.param_groups)
+    else:
+        assert all(g["lr"] == pytest.approx(cfg.optimizer.lr) for g in optimizer.param_groups)
+
+    # callbacks and loggers: the ones the config lists, in the trainer
+    assert [type(c) for c in callbacks] == targets(cfg.get("callbacks"))
+    assert all(any(c is t for t in trainer.callbacks) for c in callbacks)
+    assert [type(lg) for lg in loggers] == targets(cfg.get("logger"))
+    if cfg.trainer.get("fast_dev_run"):  # Lightning then swaps the loggers for a dummy
+        assert [type(lg).__name__ for lg in trainer.loggers] == ["DummyLogger"] * len(loggers)
+    else:
+        assert trainer.loggers == loggers and trainer.max_epochs == cfg.trainer.max_epochs
+    assert trainer.precision == str(cfg.trainer.precision)
+    assert trainer.num_devices == cfg.trainer.devices
+
+    # one forward (and decode) on a small input (or the one the head takes)
+    size = FORWARD_SIZES.get(cfg.head._target_, FORWARD_SIZE) or tuple(cfg.input_size)
+    model.eval()
+    with torch.no_grad():
+        raw = model(torch.randn(1, 3, *size))
+        preds = detector.predict(raw, size)
+    if hasattr(detector.head, "priors"):  # SSD: one prediction per prior, C + 1 scores each
+        num_priors = detector.head.priors(raw.feature_shapes, size).shape[0]
+        assert raw.cls_logits.shape == (1, num_priors, len(classes) + 1)
+        assert raw.box_offsets.shape == (1, num_priors, 4)
+    tensors = [v for v in vars(raw).values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.shape[0] == 1 and torch.isfinite(t).all() for t in tensors)
+    assert len(preds) == 1 and set(preds[0]) >= {"boxes", "scores", "labels"}
 
 
-def test_typo_in_a_group_option_is_a_clear_error(tmp_path, bccd_root):
+CASES = [pytest.param(g, o, id=f"{g}={o}") for g in GROUPS for o in options(g)]
+
+
+@pytest.mark.parametrize("group,option", CASES)
+def test_every_config_option_builds_a_run_and_its_model_runs_a_forward(group, option, tmp_path, request):
+    root = None
+    if needs_bccd(group, option):
+        root = request.getfixturevalue("bccd_as")(option) if option in ("coco", "yolo") else request.getfixturevalue("bccd_root")
+    cfg = compose_train([f"{group}={option}", *PARTNERS.get((group, option), [])], tmp_path, root)
+    if group != "data" and not needs_bccd(group, option):
+        with open_dict(cfg):  # a few generated images are plenty to build a run
+            cfg.data.source.sizes = {"train": 4, "val": 2, "test": 2}
+    check_run(cfg, *build_run(cfg))
+    if group == "backbone" or (group == "model" and option == "ssd300"):
+        # every backbone under SSD300 keeps SSD300's priors per cell (4, 6, 6, 6, 4, 4: 8732 at 300 px)
+        assert cfg.model.detector.head.priors.aspect_ratios == [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+
+
+def test_the_sweep_searches_keys_the_config_has(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "hparams_search=ssd_optuna"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and len(params) >= 1
+    for key in params:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+    get_class(cfg.hydra.sweeper._target_)  # the plugin is installed
+
+
+def test_typo_in_a_group_option_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="ssd301"):
-        compose_train(["model=ssd301"], tmp_path, bccd_root)
+        compose_train(["model=ssd301"], tmp_path)
 
 
-def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path, bccd_root):
+def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path):
     """Lightning's overfit_batches alone validates on the val split's first batches (other images)
     and keeps the augmentation, so mAP there cannot show whether the model fits what it trains on."""
-    cfg = compose_train(["debug=overfit", "trainer.overfit_batches=2", "data.batch_size=4"], tmp_path, bccd_root)
+    cfg = compose_train(["debug=overfit", "trainer.overfit_batches=2", "data.batch_size=4",
+                         "data.source.sizes={train: 8, val: 8, test: 8}"], tmp_path)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.trainer = SimpleNamespace(overfit_batches=cfg.trainer.overfit_batches)
 
@@ -77,7 +193,9 @@ def test_overfit_preset_validates_on_the_very_batches_it_trains_on(tmp_path, bcc
     assert len(train[0]["image_ids"]) == 4 and len(val) == 2
 
 
-def test_resolving_before_the_classes_are_known_says_how_to_get_them(tmp_path, bccd_root):
-    cfg = compose_train(["data=voc"], tmp_path, bccd_root)
+@pytest.mark.parametrize("data", ["shapes", "voc"])
+def test_resolving_before_the_classes_are_known_says_how_to_get_them(data, tmp_path, request):
+    root = request.getfixturevalue("bccd_root") if data == "voc" else None
+    cfg = compose_train([f"data={data}"], tmp_path, root)
     with pytest.raises(Exception, match=r"data.classes is null.*data.classes=\[a,b,c\]"):
         OmegaConf.to_container(cfg, resolve=True)

@@ -1,6 +1,7 @@
 """VOC <-> COCO <-> YOLO conversion: box-exact round trips, hand-computed numbers, the CLI, several VOC roots."""
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_the_three_formats_carry_the_same_numbers(tmp_path):
     record = Record(0, str(tmp_path / "img" / "x.jpg"), 64, 48, [[10.5, 20.25, 30.75, 40]], [1], [True])
     write_voc(tmp_path / "voc", {"train": [record]}, ["a", "b"], ImagePlacer())
     xml = (tmp_path / "voc" / "Annotations" / "x.xml").read_text()
-    for tag, value in [("xmin", "10.5"), ("ymin", "20.25"), ("xmax", "30.75"), ("ymax", "40"), ("difficult", "1")]:
+    # VOC is 1-based: xmin = x1 + 1, xmax = x2
+    for tag, value in [("xmin", "11.5"), ("ymin", "21.25"), ("xmax", "30.75"), ("ymax", "40"), ("difficult", "1")]:
         assert f"<{tag}>{value}</{tag}>" in xml
     convert([tmp_path / "voc"], tmp_path / "coco", "voc", "coco", classes=["a", "b"])  # 'a' has no objects
     data = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())
@@ -102,20 +104,109 @@ def test_the_three_formats_carry_the_same_numbers(tmp_path):
     assert (tmp_path / "yolo2" / "labels" / "train" / "x.txt").read_text() == ""
 
 
+def test_voc_writes_one_based_shortest_decimals(tmp_path):
+    """xmin = x1 + 1 added in decimal: small coordinates keep their low bits and read back exactly."""
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "img" / "x.jpg")
+    x1 = [0.3, 1e-5, 12.34, 0.0078125, 0, 7]
+    boxes = np.array([[v, v, 40, 40.5] for v in x1], np.float32)
+    write_voc(tmp_path / "voc", {"train": [Record(0, str(tmp_path / "img" / "x.jpg"), 64, 48, boxes, [0] * 6)]},
+              ["a"], ImagePlacer())
+    xml = (tmp_path / "voc" / "Annotations" / "x.xml").read_text()
+    for v in ["1.3", "1.00001", "13.34", "1.0078125", "1", "8"]:
+        assert f"<xmin>{v}</xmin>" in xml and f"<ymin>{v}</ymin>" in xml
+    assert xml.count("<xmax>40</xmax>") == xml.count("<ymax>40.5</ymax>") == 6
+    (record,) = VOCSource(tmp_path / "voc").records("train")
+    np.testing.assert_array_equal(record.boxes, boxes)  # exact in float32
+
+
+# A hand-written VOC file of a 10 x 8 image: a box over the whole image (1-based, inclusive) and a
+# one pixel wide one (xmin == xmax), as the devkit's annotations write them.
+HAND_XML = """<annotation><folder>JPEGImages</folder><filename>h.jpg</filename>
+<size><width>10</width><height>8</height><depth>3</depth></size>
+<object><name>cell</name><difficult>0</difficult>
+<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>8</ymax></bndbox></object>
+<object><name>cell</name><difficult>0</difficult>
+<bndbox><xmin>5</xmin><ymin>2</ymin><xmax>5</xmax><ymax>4</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_hand_written_voc_through_coco_and_yolo_comes_back_with_the_same_integers(tmp_path, capsys):
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "Annotations" / "h.xml").write_text(HAND_XML)
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(voc / "JPEGImages" / "h.jpg")
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("h\n")
+
+    (record,) = VOCSource(voc).records("train")
+    # by hand: x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax; the one-pixel box is kept
+    assert record.boxes.tolist() == [[0, 0, 10, 8], [4, 1, 5, 4]]
+
+    cli = ["--from", "voc", "--to", "coco", str(voc), str(tmp_path / "coco"), "--split", "train"]
+    assert main(cli) == 0 and "train: 1 images, 2 boxes" in capsys.readouterr().out
+    data = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())
+    # COCO width = xmax - xmin + 1, as the common VOC -> COCO converters give
+    assert [a["bbox"] for a in data["annotations"]] == [[0, 0, 10, 8], [4, 1, 1, 3]]
+    assert data["images"][0]["width"] == 10 and data["images"][0]["height"] == 8
+
+    assert main(["--from", "coco", "--to", "yolo", str(tmp_path / "coco"), str(tmp_path / "yolo"),
+                 "--split", "train"]) == 0
+    lines = (tmp_path / "yolo" / "labels" / "train" / "h.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "0"]
+    assert [float(v) for line in lines for v in line.split()[1:]] == pytest.approx(
+        [0.5, 0.5, 1, 1, 4.5 / 10, 2.5 / 8, 1 / 10, 3 / 8], rel=1e-15)  # centre and size of the whole image
+
+    assert main(["--from", "yolo", "--to", "voc", str(tmp_path / "yolo"), str(tmp_path / "back"),
+                 "--split", "train", "--classes", "cell"]) == 0
+    back = ET.parse(tmp_path / "back" / "Annotations" / "h.xml").getroot()
+    assert [[bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")] for bb in back.iter("bndbox")] == [
+        ["1", "1", "10", "8"], ["5", "2", "5", "4"]]  # the hand-written integers, as integers
+
+
+def bccd_xml_boxes(split: str) -> list[tuple[str, list[int]]]:
+    """(image id, [xmin, ymin, xmax, ymax]) of every object of a BCCD split, read straight from the xml."""
+    ids = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+    return [(i, [int(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+            for i in ids for obj in ET.parse(BCCD / "Annotations" / f"{i}.xml").getroot().iter("object")]
+
+
 @pytest.mark.parametrize("via", ["coco", "yolo"])
 def test_bccd_round_trip_is_box_exact(tmp_path, via):
     if not (BCCD / "Annotations").is_dir():
         pytest.skip(f"BCCD not found at {BCCD}")
     summary = convert([BCCD], tmp_path / via, "voc", via, images="symlink")
-    # BCCD's two degenerate boxes are left out, and said so
-    assert summary["skipped"] == {"degenerate box (x2<=x1 or y2<=y1 after clipping)": 2}
-    assert summary["splits"] == {"train": {"images": 205, "boxes": 2804}, "val": {"images": 87, "boxes": 1137},
-                                 "test": {"images": 72, "boxes": 945}}
+    # the reference, from the xml: 1-based inclusive boxes are degenerate only when xmax < xmin (or y);
+    # xmin == xmax is one pixel wide and kept
+    xml = {s: bccd_xml_boxes(s) for s in ("train", "val", "test")}
+    degenerate = {s: sum(b[2] < b[0] or b[3] < b[1] for _, b in boxes) for s, boxes in xml.items()}
+    one_px = {s: sum(b[2] == b[0] or b[3] == b[1] for _, b in boxes) for s, boxes in xml.items()}
+    assert sum(one_px.values()) == 2  # BCCD's two point-like boxes (BloodImage_00338, _00343)
+    n_degenerate = sum(degenerate.values())
+    assert summary["skipped"] == ({"degenerate box (x2<=x1 or y2<=y1 after clipping)": n_degenerate}
+                                  if n_degenerate else {})
+    assert summary["splits"] == {s: {"images": n, "boxes": len(xml[s]) - degenerate[s]}
+                                 for s, n in (("train", 205), ("val", 87), ("test", 72))}
+    if via == "coco":  # the one-pixel boxes are there, one pixel wide and high
+        widths = [a["bbox"][2:] for s in xml
+                  for a in json.loads((tmp_path / via / "annotations" / f"instances_{s}.json").read_text())["annotations"]]
+        assert widths.count([1, 1]) == sum(one_px.values())
     convert([tmp_path / via], tmp_path / "back", via, "voc", images="symlink")
     original, back = VOCSource(BCCD), VOCSource(tmp_path / "back")
     for split in ("train", "val", "test"):
         assert_same({split: {Path(r.file).name: r for r in original.records(split)}},
                     {split: {Path(r.file).name: r for r in back.records(split)}})
+        # and the written xml holds the original integers, written as integers
+        written: dict[str, list[list[str]]] = {}
+        for xml_path in (tmp_path / "back" / "Annotations").glob("*.xml"):
+            written[xml_path.stem] = [[bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+                                      for bb in ET.parse(xml_path).getroot().iter("bndbox")]
+        expected: dict[str, list[list[str]]] = {}
+        for image_id, b in xml[split]:
+            expected.setdefault(image_id, [])
+            if not (b[2] < b[0] or b[3] < b[1]):
+                expected[image_id].append([str(v) for v in b])
+        assert {i: sorted(written[i]) for i in expected} == {i: sorted(v) for i, v in expected.items()}
 
 
 def make_voc_root(root: Path, names: dict[str, list[tuple[str, tuple]]], sets: dict[str, list[str]], shade: int) -> None:

@@ -34,7 +34,10 @@ def test_bccd_counts_match_the_xml(bccd_root, capsys, caplog):
     assert code == 0, out
     rows = table(out)
     assert rows["images"] == ["205", "87", "72"]
-    # the reference: object names counted straight from the xml of each image set
+    # the reference: object names counted straight from the xml of each image set. VOC boxes are
+    # 1-based and inclusive (x1 = xmin - 1, x2 = xmax): degenerate only when xmax < xmin (or y), and
+    # BCCD's xmin == xmax boxes are 1 px wide and kept
+    degenerate_files, one_px = set(), 0
     for split_index, split in enumerate(("train", "val", "test")):
         ids = (bccd_root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
         counts: Counter[str] = Counter()
@@ -42,18 +45,22 @@ def test_bccd_counts_match_the_xml(bccd_root, capsys, caplog):
         for i in ids:
             for obj in ET.parse(bccd_root / "Annotations" / f"{i}.xml").getroot().iter("object"):
                 b = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-                if b[2] > b[0] and b[3] > b[1]:
+                x1, y1, x2, y2 = b[0] - 1, b[1] - 1, b[2], b[3]
+                one_px += (x2 - x1 == 1) or (y2 - y1 == 1)
+                if x2 > x1 and y2 > y1:
                     counts[obj.findtext("name")] += 1
                 else:
                     degenerate += 1
+                    degenerate_files.add(f"{i}.jpg")
         for name in ("Platelets", "RBC", "WBC"):
             assert rows[name][split_index] == str(counts[name])
         assert rows["degenerate box (x2<=x1 or y2<=y1 after clipping)"][split_index] == str(degenerate)
+        assert rows["tiny box (under min_box_size px after clipping)"][split_index] == "0"  # 1 px is not under 1
+    assert one_px == 2 and not degenerate_files  # BCCD's two point boxes, BloodImage_00338 and _00343
     assert rows["degenerate box (x2<=x1 or y2<=y1 after clipping)"][3] == "drop"
     assert rows["unreadable image"] == ["0", "0", "0", "skip image"]
     warnings = [r.getMessage() for r in caplog.records if "degenerate" in r.getMessage()]
-    assert len(warnings) == 2 and {"BloodImage_00338.jpg", "BloodImage_00343.jpg"} == {
-        re.search(r"BloodImage_\d+\.jpg", w).group() for w in warnings}
+    assert {re.search(r"BloodImage_\d+\.jpg", w).group() for w in warnings} == degenerate_files
     assert "training with this config would run" in out
 
 

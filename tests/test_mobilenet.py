@@ -265,3 +265,26 @@ def test_input_spec_and_unknown_stride(cls):
         cls(out_strides=(8, 64))
     with pytest.raises(ValueError, match="attention"):
         cls(attention="eca")
+
+
+def test_expansion_taps_read_torchvisions_expansion_of_the_next_block():
+    """SSDLite's stride-16 map: the 1x1 expansion (ReLU6 output) of features.14, the first stride-32
+    block, computed by torchvision's own MobileNetV2 with the same weights; the deepest map is unchanged."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    ours = MobileNetV2(out_strides=[8, 16, 32], expansion_taps=True).eval()
+    assert ours.out_channels == (192, 576, 1280) and ours.strides == (8, 16, 32)
+    reference = mobilenet_v2().eval()
+    reference.features.load_state_dict(ours.features.state_dict())
+    x = torch.randn(2, 3, 160, 192)
+    with torch.no_grad():
+        s8, s16, s32 = ours(x)
+        expected8 = reference.features[7].conv[0](reference.features[:7](x))
+        expected16 = reference.features[14].conv[0](reference.features[:14](x))
+        torch.testing.assert_close(s8, expected8)
+        torch.testing.assert_close(s16, expected16)
+        torch.testing.assert_close(s32, reference.features(x))
+    # the plain taps are the block outputs
+    plain = MobileNetV2(out_strides=[16, 32]).eval()
+    assert plain.out_channels == (96, 1280)

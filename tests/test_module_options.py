@@ -56,20 +56,61 @@ def test_the_schedule_reads_the_run_length_when_it_is_known():
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)  # the end of the 4-step warm-up
 
 
-def test_compile_option_compiles_the_network_in_place():
-    """``compile`` leaves parameter names (checkpoints) alone and computes the same; the 'eager'
-    backend keeps this test quick, the inductor's figures are in BENCHMARKS.md."""
-    from common import build_ours, random_batch
+GRAPHS: list = []  # what the recording backend was handed
 
+
+def recording_backend(gm, example_inputs):
+    """A torch.compile backend that keeps the FX graphs Dynamo captured and runs them as they are."""
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+def test_compile_option_compiles_the_network_in_place():
+    """``compile`` hands the arguments to torch.compile: the network's forward is captured by Dynamo
+    (every conv of it reaches the backend named in the config), computes what the plain network
+    computes (outputs, loss, gradients) and leaves the parameter names alone (checkpoints load
+    both ways). A backend that runs the captured graphs as they are keeps this test quick; the
+    inductor's figures are in BENCHMARKS.md."""
+    import torch._dynamo
+    from common import build_ours, random_batch
+    from torch._dynamo.utils import counters
+
+    if "detectors_test_recording" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(recording_backend, name="detectors_test_recording")
+    torch._dynamo.reset()
+    GRAPHS.clear()
     torch.manual_seed(0)
-    plain = build_ours(["model=ssd300"], num_classes=3)
-    compiled = build_ours(["model=ssd300", "model.compile={backend: eager}"], num_classes=3)
-    compiled.load_state_dict(plain.state_dict())
+    size = 264
+    plain = build_ours(["model=ssd300", f"input_size=[{size},{size}]"], num_classes=3)
+    compiled = build_ours(["model=ssd300", f"input_size=[{size},{size}]",
+                           "model.compile={backend: detectors_test_recording}"], num_classes=3)
     assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert not [k for k in compiled.state_dict() if "_orig_mod" in k]
+    compiled.load_state_dict(plain.state_dict())
+    plain.load_state_dict(compiled.state_dict())  # and back: a compiled run's checkpoint loads uncompiled
     assert compiled.detector._compiled_call_impl is not None and plain.detector._compiled_call_impl is None
-    batch = plain.on_after_batch_transfer(random_batch(2, 300, 3, 4, "cpu"), 0)
-    losses = [m.detector.loss(m.detector(batch["images"]), batch, (300, 300))["loss"] for m in (plain, compiled)]
+
+    batch = plain.on_after_batch_transfer(random_batch(2, size, 3, 4, "cpu"), 0)
+    counters.clear()
+    raw_plain = plain.detector(batch["images"])
+    assert not GRAPHS and not counters["stats"]["unique_graphs"]  # the plain one is not compiled
+    raw_compiled = compiled.detector(batch["images"])
+    # Dynamo captured the forward and handed it to the configured backend: all of the network's convs
+    assert counters["stats"]["unique_graphs"] >= 1 and len(GRAPHS) == counters["stats"]["unique_graphs"]
+    convs = [n for g in GRAPHS for n in g.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in compiled.detector.modules())
+    torch.testing.assert_close(raw_compiled.cls_logits, raw_plain.cls_logits)
+    torch.testing.assert_close(raw_compiled.box_offsets, raw_plain.box_offsets)
+
+    losses = [m.detector.loss(raw, batch, (size, size))["loss"] for m, raw in ((plain, raw_plain), (compiled, raw_compiled))]
     torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(plain.detector.named_parameters(), compiled.detector.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    captured = len(GRAPHS)
+    compiled.detector(batch["images"])
+    assert len(GRAPHS) == captured  # the same input shape reuses the captured graphs
 
 
 def test_csv_logger_continues_a_resumed_runs_metrics(tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from detectors.anchors import SSDPriors
-from detectors.heads.ssd import SSDHead
+from detectors.heads.ssd import SSDHead, SSDRaw
 from detectors.losses import hard_negative_mask
 
 
@@ -35,8 +35,9 @@ def test_min_negatives_and_exclusions():
     assert neg[0].nonzero().flatten().tolist() == [7, 8]
 
 
-def reference_multibox_loss(head, raw, boxes_list, labels_list, image_size):
-    """ssd.pytorch's MultiBoxLoss, one image at a time, written with plain loops over images."""
+def reference_multibox_loss(head, raw, boxes_list, labels_list, image_size, excluded=None):
+    """ssd.pytorch's MultiBoxLoss, one image at a time, written with plain loops over images.
+    ``excluded``: per image, a (A,) bool of priors that are neither positive nor mined as negatives."""
     priors = head.priors(raw.feature_shapes, image_size)
     total_cls, total_box, total_pos = 0.0, 0.0, 0
     for b, (gt, lab) in enumerate(zip(boxes_list, labels_list)):
@@ -45,12 +46,13 @@ def reference_multibox_loss(head, raw, boxes_list, labels_list, image_size):
         idx, pos = reference_match(priors, gt, head.iou_threshold)
         pos = torch.tensor(pos)
         idx = torch.tensor(idx)
+        out = torch.zeros_like(pos) if excluded is None else excluded[b]
         target_cls = torch.where(pos, lab[idx] + 1 if len(lab) else torch.zeros_like(idx), 0) if len(lab) else torch.zeros(len(pos), dtype=torch.long)
         ce = F.cross_entropy(raw.cls_logits[b], target_cls, reduction="none")
         n_pos = int(pos.sum())
-        n_neg = min(3 * n_pos, int((~pos).sum()))
+        n_neg = min(3 * n_pos, int((~pos & ~out).sum()))
         neg_losses = ce.clone()
-        neg_losses[pos] = -1
+        neg_losses[pos | out] = -1
         neg = torch.zeros_like(pos)
         neg[neg_losses.argsort(descending=True)[:n_neg]] = True
         total_cls += ce[pos].sum() + ce[neg].sum()
@@ -105,15 +107,47 @@ def test_per_box_weights_scale_the_positive_terms():
 
 
 def test_difficult_objects_are_ignored_not_negative():
+    """An image with a normal and a difficult object, the priors of the difficult one made the hardest
+    negatives there are (background loss ~16, the others' ~1): were they background, mining would take
+    them. The loss must be SSD's on the normal object with those priors left out by hand, and not the
+    loss with the difficult object removed (its priors background) or kept as a normal object."""
+    from tests.test_matching import reference_match
+
     torch.manual_seed(2)
-    head = small_head()
-    raw = head([torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)])
-    targets = {"boxes": torch.tensor([[[5.0, 5.0, 40.0, 40.0]]]), "labels": torch.tensor([[1]]),
-               "mask": torch.ones(1, 1, dtype=torch.bool), "weights": torch.ones(1, 1),
-               "difficult": torch.ones(1, 1, dtype=torch.bool)}
-    out = head.loss(raw, targets, (64, 64))
-    assert out["num_positives"].item() == 1  # clamped count: no real positive
-    assert out["loss_box"].item() == 0.0 and out["loss_cls"].item() == 0.0
+    head, size = small_head(), (64, 64)
+    raw = head([torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)])
+    priors = head.priors(raw.feature_shapes, size)
+    normal, difficult = torch.tensor([[2.0, 3.0, 30.0, 40.0]]), torch.tensor([[36.0, 34.0, 62.0, 62.0]])
+    # the difficult object's priors, found on their own: its best prior and those at IoU >= 0.5
+    by_difficult = torch.tensor(reference_match(priors, difficult, head.iou_threshold)[1])
+    by_normal = torch.tensor(reference_match(priors, normal, head.iou_threshold)[1])
+    assert by_difficult.sum() >= 2 and not (by_difficult & by_normal).any()
+    logits = raw.cls_logits.detach().clone()
+    logits[0, by_difficult, 0], logits[0, by_difficult, 2] = -8.0, 8.0
+    raw = SSDRaw(logits, raw.box_offsets, raw.feature_shapes)
+
+    # image 0: normal (label 0) + difficult (label 1); image 1: the normal object alone
+    targets = {"boxes": torch.stack([torch.cat([normal, difficult]), torch.cat([normal, torch.zeros(1, 4)])]),
+               "labels": torch.tensor([[0, 1], [0, -1]]), "mask": torch.tensor([[True, True], [True, False]]),
+               "weights": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+               "difficult": torch.tensor([[False, True], [False, False]])}
+    ours = head.loss(raw, targets, size)
+    none_out = torch.zeros_like(by_difficult)
+    ref_cls, ref_box = reference_multibox_loss(head, raw, [normal, normal], [torch.tensor([0])] * 2, size,
+                                               excluded=[by_difficult, none_out])
+    torch.testing.assert_close(ours["loss_cls"], ref_cls.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["loss_box"], ref_box.float(), rtol=1e-5, atol=1e-5)
+    assert ours["num_positives"].item() == 2 * by_normal.sum().item()
+
+    # removed (its priors background): they are mined, and the loss is much higher
+    removed = head.loss(raw, {**targets, "mask": targets["mask"] & ~targets["difficult"]}, size)
+    as_background_cls, _ = reference_multibox_loss(head, raw, [normal, normal], [torch.tensor([0])] * 2, size)
+    torch.testing.assert_close(removed["loss_cls"], as_background_cls.float(), rtol=1e-5, atol=1e-5)
+    assert removed["loss_cls"] > ours["loss_cls"] + 1.0
+    # kept as a normal object: its priors become positives (more of them, another loss)
+    kept = head.loss(raw, {k: v for k, v in targets.items() if k != "difficult"}, size)
+    assert kept["num_positives"] > ours["num_positives"]
+    assert not torch.isclose(kept["loss_cls"], ours["loss_cls"], rtol=1e-3)
 
 
 class TinyBackbone(nn.Module):

@@ -2,18 +2,23 @@
 
 The reference below follows py-faster-rcnn's ``voc_eval.py`` line by line
 (per-image GT dict with ``det`` flags, difficult handling, a Python loop over
-ranked detections) with our two documented changes: no "+1" in the IoU and a
+ranked detections) with our two documented changes: no "+1" in the IoU on our
+continuous boxes (``plus_one=True`` puts it back, for the devkit's own 1-based
+boxes: the VOC reader's x1 = xmin - 1 makes the two agree, tested below) and a
 hit at IoU >= threshold (MATLAB devkit). Ties in score are ranked by a stable
 sort in the order detections were given (image order, then order in the image).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from detectors.evaluation.voc import VOCMeanAP, voc_ap
+from detectors.data.formats.voc import parse_voc_xml
+from detectors.evaluation.voc import VOCMeanAP, voc_ap, voc_box_iou
 
 
 def devkit_voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool) -> float:
@@ -36,8 +41,10 @@ def devkit_voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool) -> flo
     return float(ap)
 
 
-def devkit_voc_eval(preds, targets, cls: int, ovthresh: float, use_07_metric: bool) -> float:
-    """``voc_eval`` of the devkit for one class (no +1, >= threshold, stable tie order); -1 if npos == 0."""
+def devkit_voc_eval(preds, targets, cls: int, ovthresh: float, use_07_metric: bool, plus_one: bool = False) -> float:
+    """``voc_eval`` of the devkit for one class (no +1 unless ``plus_one``, >= threshold, stable tie order);
+    -1 if npos == 0."""
+    one = 1.0 if plus_one else 0.0
     class_recs = {}
     npos = 0
     for i, t in enumerate(targets):
@@ -73,10 +80,11 @@ def devkit_voc_eval(preds, targets, cls: int, ovthresh: float, use_07_metric: bo
             iymin = np.maximum(BBGT[:, 1], bb[1])
             ixmax = np.minimum(BBGT[:, 2], bb[2])
             iymax = np.minimum(BBGT[:, 3], bb[3])
-            iw = np.maximum(ixmax - ixmin, 0.0)
-            ih = np.maximum(iymax - iymin, 0.0)
+            iw = np.maximum(ixmax - ixmin + one, 0.0)
+            ih = np.maximum(iymax - iymin + one, 0.0)
             inters = iw * ih
-            uni = (bb[2] - bb[0]) * (bb[3] - bb[1]) + (BBGT[:, 2] - BBGT[:, 0]) * (BBGT[:, 3] - BBGT[:, 1]) - inters
+            uni = ((bb[2] - bb[0] + one) * (bb[3] - bb[1] + one)
+                   + (BBGT[:, 2] - BBGT[:, 0] + one) * (BBGT[:, 3] - BBGT[:, 1] + one) - inters)
             overlaps = inters / uni
             ovmax = np.max(overlaps)
             jmax = np.argmax(overlaps)
@@ -155,6 +163,72 @@ def test_matches_devkit_reference(seed: int, use_07: bool) -> None:
     valid = expected > -1
     expected_map = expected[valid].mean() if valid.any() else -1.0
     assert abs(out[f"{prefix}_map_{round(100 * thr)}"].item() - expected_map) < 1e-6
+
+
+def one_based_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``(n, 4)`` integer devkit boxes xmin, ymin, xmax, ymax (1-based, inclusive) on a 1..40 grid:
+    one-pixel boxes (xmin == xmax), shared edges, nested and disjoint boxes all happen."""
+    lo = rng.integers(1, 41, (n, 2))
+    return np.concatenate([lo, lo + rng.integers(0, 12, (n, 2))], 1)
+
+
+def read_as_voc_xml(boxes: np.ndarray, tmp_path: Path) -> torch.Tensor:
+    """Our boxes for the devkit's integer ``boxes``: written into a VOC xml, read by the VOC reader."""
+    objects = "".join(f"<object><name>a</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+                      f"<ymax>{b[3]}</ymax></bndbox></object>" for b in boxes.tolist())
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}.xml"
+    path.write_text(f"<annotation><size><width>60</width><height>60</height></size>{objects}</annotation>")
+    return torch.tensor([box for _, box, _ in parse_voc_xml(path)["objects"]], dtype=torch.float32).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_continuous_iou_equals_the_devkits_plus_one_iou_on_the_xml_boxes(seed: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(seed)
+    gts, dets = one_based_boxes(rng, 30), one_based_boxes(rng, 40)
+    dets[:5] = gts[:5]  # identical boxes: IoU 1, one-pixel ones included
+    gts[0, 2], gts[0, 3] = gts[0, 0], gts[0, 1]
+    dets[0] = gts[0]
+    # the devkit (voc_eval.py), on its own 1-based inclusive boxes
+    expected = np.zeros((len(dets), len(gts)))
+    for d, bb in enumerate(dets.astype(float)):
+        BBGT = gts.astype(float)
+        ixmin = np.maximum(BBGT[:, 0], bb[0])
+        iymin = np.maximum(BBGT[:, 1], bb[1])
+        ixmax = np.minimum(BBGT[:, 2], bb[2])
+        iymax = np.minimum(BBGT[:, 3], bb[3])
+        iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+        ih = np.maximum(iymax - iymin + 1.0, 0.0)
+        inters = iw * ih
+        uni = ((bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+               + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters)
+        expected[d] = inters / uni
+    ours_gt, ours_det = read_as_voc_xml(gts, tmp_path), read_as_voc_xml(dets, tmp_path)
+    assert ours_gt[0].tolist() == [gts[0, 0] - 1, gts[0, 1] - 1, gts[0, 0], gts[0, 1]]  # a 1 x 1 box
+    ours = voc_box_iou(ours_det, ours_gt[None].expand(len(dets), -1, -1))
+    np.testing.assert_array_equal(ours.numpy(), expected)  # the same integers divided: bit-equal
+    assert (expected == 1).sum() >= 5 and (expected == 0).any() and ((expected > 0) & (expected < 1)).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_voc_ap_on_read_xml_boxes_equals_the_devkits_on_its_own_numbers(seed: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(seed)
+    preds, targets, devkit_preds, devkit_targets = [], [], [], []
+    for _ in range(6):
+        gt = one_based_boxes(rng, int(rng.integers(1, 6)))
+        det = np.concatenate([gt + rng.integers(-1, 2, gt.shape), one_based_boxes(rng, 3)])
+        det[:, 2:] = np.maximum(det[:, 2:], det[:, :2])
+        gl, dl = rng.integers(0, 2, len(gt)), rng.integers(0, 2, len(det))
+        scores = torch.from_numpy(rng.integers(0, 5, len(det)) / 4.0).float()
+        difficult = torch.from_numpy(rng.random(len(gt)) < 0.2)
+        for boxes_gt, boxes_det, p, t in ((read_as_voc_xml(gt, tmp_path), read_as_voc_xml(det, tmp_path), preds, targets),
+                                          (torch.from_numpy(gt).float(), torch.from_numpy(det).float(),
+                                           devkit_preds, devkit_targets)):
+            p.append({"boxes": boxes_det, "scores": scores, "labels": torch.from_numpy(dl)})
+            t.append({"boxes": boxes_gt, "labels": torch.from_numpy(gl), "difficult": difficult})
+    metric = VOCMeanAP(2, iou_threshold=0.5)
+    metric.update(preds, targets)
+    expected = [devkit_voc_eval(devkit_preds, devkit_targets, c, 0.5, False, plus_one=True) for c in range(2)]
+    np.testing.assert_allclose(metric.compute()["voc_ap_per_class"].numpy(), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(20))

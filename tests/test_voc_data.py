@@ -1,6 +1,7 @@
 """VOC loading on BCCD (real data with real flaws) and on crafted bad input."""
 
 import logging
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +31,41 @@ def make_voc(root: Path, images: dict[str, list[tuple]], split_ids: dict[str, li
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
 
 
-def test_bccd_classes_counts_and_degenerate_boxes(bccd_root, caplog):
+def test_bccd_classes_counts_and_boxes_against_the_xml(bccd_root, caplog):
     with caplog.at_level(logging.WARNING):
         source = VOCSource(bccd_root)
-        counts = {s: len(source.records(s)) for s in ("train", "val", "test")}
+        records = {s: source.records(s) for s in ("train", "val", "test")}
     assert source.classes == ["Platelets", "RBC", "WBC"]  # sorted, read from the annotations
-    assert counts == {"train": 205, "val": 87, "test": 72}
-    # the two boxes with x2 <= x1 or y2 <= y1 are dropped, each with a warning naming the file
-    degenerate = [r for r in caplog.records if "degenerate box" in r.getMessage()]
-    assert len(degenerate) == 2 and all("BloodImage_" in r.getMessage() for r in degenerate)
-    for split in ("train", "val", "test"):
-        for record in source.records(split):
-            b = record.boxes
-            assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
-            assert (b[:, 0] >= 0).all() and (b[:, 2] <= record.width).all()
+    assert {s: len(r) for s, r in records.items()} == {"train": 205, "val": 87, "test": 72}
+    # the reference, straight from the xml: 1-based inclusive integers, so a box is xmax - xmin + 1
+    # pixels wide, degenerate only when xmax < xmin (or y); BCCD's xmin == xmax boxes are 1 px wide
+    one_px, degenerate = [], []
+    for recs in records.values():
+        for record in recs:
+            objects = ET.parse(bccd_root / "Annotations" / f"{Path(record.file).stem}.xml").getroot().iter("object")
+            raw = [[int(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
+            degenerate += [(record.file, b) for b in raw if b[2] < b[0] or b[3] < b[1]]
+            one_px += [(record.file, b) for b in raw if b[2] == b[0] or b[3] == b[1]]
+            expected = [[b[0] - 1, b[1] - 1, b[2], b[3]] for b in raw if b[2] >= b[0] and b[3] >= b[1]]
+            assert record.boxes.tolist() == expected, record.file  # every BCCD box lies inside its image
+    assert len(one_px) == 2 and {Path(f).stem for f, _ in one_px} == {"BloodImage_00338", "BloodImage_00343"}
+    assert all(b[:2] == b[2:] for _, b in one_px)  # points: now 1 x 1 px boxes, kept
+    warned = [r.getMessage() for r in caplog.records if "degenerate box" in r.getMessage()]
+    assert len(warned) == len(degenerate)  # 0 in BCCD: its only candidates were the 1 px boxes
+    assert sum(source.skips.counts.values()) == len(degenerate)
+
+
+def test_one_based_inclusive_boxes_are_read_as_continuous_ones(tmp_path, caplog):
+    """xmin=1..xmax=64 is the whole 64 px row; xmin == xmax one pixel; xmin = 0 starts a pixel outside."""
+    make_voc(tmp_path / "v", {"a": [("cat", (1, 1, 64, 48), 0), ("cat", (5, 2, 5, 4), 0), ("cat", (0, 0, 10, 10), 0),
+                                    ("cat", (6, 5, 5, 9), 0)]}, {"train": ["a"]})
+    with caplog.at_level(logging.WARNING):
+        source = VOCSource(tmp_path / "v", classes=["cat"])
+        (record,) = source.records("train")
+    assert record.boxes.tolist() == [[0, 0, 64, 48], [4, 1, 5, 4], [0, 0, 10, 10]]  # [-1, -1, 10, 10] clipped
+    assert dict(source.skips.counts) == {"degenerate box (x2<=x1 or y2<=y1 after clipping)": 1}  # xmax < xmin
+    assert source.checks.audit["box partly outside the image (clipped)"] == 1
+    assert not [r for r in caplog.records if "clipped" in r.getMessage()]  # by 1 px: counted, not warned
 
 
 def test_bccd_batches_through_the_ssd_augmentation(bccd_root):

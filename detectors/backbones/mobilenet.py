@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from detectors.backbones.base import IMAGENET_MEAN, IMAGENET_STD, SequentialBackbone
 from detectors.layers import init_kaiming
@@ -126,13 +126,18 @@ class MobileNetV2(SequentialBackbone):
             this module. The ``features.*`` tensors of the built layers must all be there; the
             classifier is ignored; attention blocks load when the file has them.
         attention: 'se', 'cbam' or None: a block on the output of every tap that is built.
+        expansion_taps: read each returned stride but the deepest at the 1x1 expansion (ReLU6 output)
+            of the next stride's first block instead of at its last block: SSDLite's choice (the
+            paper's sec. 6.2 attaches its first layer to "the expansion of layer 15", and torchvision's
+            ssdlite320 does the same on MobileNetV3), a 6x wider map (576 channels at stride 16
+            instead of 96) at the same resolution, for the same layers and weights.
         mean, std, min_size, size_divisor: see :class:`~detectors.backbones.base.Backbone`.
 
     forward: images (B, 3, H, W) normalised -> [(B, C_s, ceil(H / s), ceil(W / s)) for s in strides].
     """
 
     def __init__(self, out_strides: Sequence[int] = (8, 16, 32), width_mult: float = 1.0,
-                 weights: str | None = None, attention: str | None = None,
+                 weights: str | None = None, attention: str | None = None, expansion_taps: bool = False,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  min_size: int | None = None, size_divisor: int | None = None):
         from torchvision.models import mobilenet_v2
@@ -145,10 +150,43 @@ class MobileNetV2(SequentialBackbone):
                              f"are for width_mult 1.0 only, not {width_mult}; use weights=null or a file of a "
                              f"width-{width_mult} model")
         features = mobilenet_v2(weights=None, width_mult=width_mult).features
-        super().__init__("mobilenet_v2", features, stride_taps(features), out_strides, attention,
+        taps = stride_taps(features)
+        super().__init__("mobilenet_v2", features, taps, out_strides, attention,
                          mean=mean, std=std, min_size=min_size, size_divisor=size_divisor)
         self.width_mult = float(width_mult)
+        # index of a block whose expansion output is returned -> its place in the outputs
+        self._expansion_index: dict[int, int] = {}
+        if expansion_taps:
+            channels = list(self.out_channels)
+            for k, stride in enumerate(self.strides[:-1]):  # the deepest map has no built block after it
+                index = taps[stride][0] + 1
+                block = self.features[index]
+                # the first block of every stride has an expansion and no residual (it changes the stride)
+                assert not block.use_res_connect and len(block.conv) == 4, f"features.{index} has no expansion"
+                channels[k] = int(block.conv[0].out_channels)
+                self._expansion_index[index] = k
+            self.out_channels = tuple(channels)
         self.weights_source = "random init (torchvision's)"
         if weights:
             self.load_state_dict_weights(weights, _mobilenet_v2_weights)
         self.log_weights_source()
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        if not self._expansion_index:
+            return super().forward(images)
+        outs: list[Tensor] = [images] * len(self.strides)
+        x = images
+        for i, layer in enumerate(self.features):
+            if i in self._expansion_index:  # block = expansion -> depthwise -> projection (no residual)
+                expanded = layer.conv[0](x)
+                outs[self._expansion_index[i]] = expanded
+                for part in layer.conv[1:]:
+                    expanded = part(expanded)
+                x = expanded
+            else:
+                x = layer(x)
+            if str(i) in self.attention:
+                x = self.attention[str(i)](x)
+            if i in self._tap_index and self._tap_index[i] not in self._expansion_index.values():
+                outs[self._tap_index[i]] = x
+        return outs

@@ -10,8 +10,11 @@ problem the loader meets (degenerate, out-of-image and tiny boxes, unknown class
 files, annotations of unknown images) and every image that cannot be decoded, is missing or
 has another size than its annotation says; and next to each, what training will do about it
 (keep, clip, drop, skip, or error with ``data.on_bad_sample=raise``). Each problem is also named
-on its own warning line. Exit status 1 when training with this config would stop
-(a missing split, or a problem under ``on_bad_sample=raise``), 0 otherwise.
+on its own warning line. Boxes are judged as the loader reads them, continuous and 0-based
+(``formats.voc``: a VOC box with xmin == xmax is one pixel wide, degenerate only when
+xmax < xmin; xmin = 0 starts a pixel outside the image and is clipped). Exit status 1 when
+training with this config would stop (a missing split, or a problem under
+``on_bad_sample=raise``), 0 otherwise.
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@ what training would see: degenerate boxes, boxes outside the image and objects o
 classes are dropped (each named on one line, counted in the summary), boxes partly outside are
 clipped, images without objects are kept, images whose file is missing are left out.
 
-Pixel conventions (see each format's module): every format carries the same continuous xyxy
-numbers (VOC's xml values are not shifted by 1; COCO's bbox is [x1, y1, x2 - x1, y2 - y1];
-YOLO's centres and sizes are divided by the image size). Writers print numbers so that reading
-them back gives the same float32 boxes, so any A -> B -> A round trip is exact. What a format
-cannot hold is lost: YOLO has no difficult flag (``--drop-difficult`` leaves those objects out,
-as Ultralytics' VOC script does; by default they become ordinary boxes), COCO crowd regions
-become difficult objects, and COCO segmentation masks are not carried.
+Pixel conventions (see each format's module): records hold continuous xyxy pixel coordinates,
+0-based, pixel i spanning [i, i+1). VOC's xml is 1-based and inclusive, so it reads as
+[xmin - 1, ymin - 1, xmax, ymax] and is written back as xmin = x1 + 1, xmax = x2 (VOC's
+xmin=1, xmax=10 is COCO's x=0, w=10: w = xmax - xmin + 1, as the common VOC -> COCO converters
+give); COCO's bbox is [x1, y1, x2 - x1, y2 - y1]; YOLO's centres and sizes are divided by the
+image size. Writers print numbers so that reading them back gives the same float32 boxes, so
+any A -> B -> A round trip is exact. What a format cannot hold is lost: YOLO has no difficult
+flag (``--drop-difficult`` leaves those objects out, as Ultralytics' VOC script does; by default
+they become ordinary boxes), COCO crowd regions become difficult objects, and COCO
+segmentation masks are not carried.
 """
 
 from __future__ import annotations

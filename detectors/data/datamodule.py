@@ -98,8 +98,9 @@ class DetectionDataModule(L.LightningDataModule):
             log.info("%s split: %d images%s", split, len(records),
                      f" (of the {self.val_split!r} split)" if split == "val" and self.val_split != "val" else "")
             source = RAMCache(self.source, records) if self.cache == "ram" else self.source
+            # evaluation loaders carry each file's own annotations, which the metrics score
             self._datasets[split] = DetectionDataset(source, records, transform, self.on_bad_sample, self.seed,
-                                                     resize=resize)
+                                                     resize=resize, ground_truth=split != "train")
         return self._datasets[split]
 
     def _current_epoch(self) -> int:

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from detectors.data.records import BadSampleError, Record, SkipCounter, Source
+from detectors.data.records import (
+    BadSampleError,
+    GroundTruth,
+    Record,
+    SkipCounter,
+    Source,
+)
 from detectors.data.transforms import input_frame
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,9 @@ class DetectionDataset(Dataset):
     ``num_dropped``: boxes of the record the augmentation dropped (cropped out, or shrunk under the
     minimum size), summed per batch by the collate so the module can log them.
 
+    With ``ground_truth=True`` (evaluation splits) the target also holds ``ground_truth``: the
+    record's ``GroundTruth``, the file's annotations in its own pixels as the metrics score them.
+
     An unreadable sample returns None with ``on_bad_sample='skip'`` (the collate drops it and it is
     counted), or raises with 'raise'.
 
@@ -39,9 +48,10 @@ class DetectionDataset(Dataset):
 
     def __init__(
         self, source: Source, records: list[Record], transform: A.Compose, on_bad_sample: str = "skip", seed: int = 0,
-        resize: str = "stretch",
+        resize: str = "stretch", ground_truth: bool = False,
     ):
         self.source = source
+        self.ground_truth = ground_truth
         self.resize = resize
         self.records = records
         self.transform = transform
@@ -80,6 +90,8 @@ class DetectionDataset(Dataset):
             "frame": input_frame(image.shape[:2], out["image"].shape[:2], self.resize),
             "num_dropped": len(record.boxes) - len(keep),
         }
+        if self.ground_truth:
+            target["ground_truth"] = GroundTruth.of(record)
         return torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1), target
 
 
@@ -145,6 +157,10 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
             (y likewise), what evaluation inverts to map boxes back to the file's pixels,
         num_skipped () int64: samples of this batch dropped as unreadable,
         num_dropped_boxes () int64: boxes the augmentation dropped from this batch's images.
+    With ground truth in the samples (evaluation), also the file's annotations in each image's own
+    pixels, padded to the batch's largest count K:
+        gt_boxes (B, K, 4) float64 xyxy, gt_labels (B, K) int64, gt_difficult, gt_iscrowd (B, K) bool,
+        gt_area (B, K) float64, gt_counts (B,) int64 (rows 0..count-1 of each image are real).
     """
     samples = [s for s in batch if s is not None]
     num_skipped = len(batch) - len(samples)
@@ -175,4 +191,28 @@ def collate_detection(batch: list[tuple[Tensor, dict] | None]) -> dict[str, Tens
         out["difficult"][i, :n] = t["difficult"]
         out["iscrowd"][i, :n] = t["iscrowd"]
         out["weights"][i, :n] = t["weights"]
+    if all("ground_truth" in t for t in targets):
+        out.update(_pad_ground_truth([t["ground_truth"] for t in targets]))
+    return out
+
+
+def _pad_ground_truth(gts: list[GroundTruth]) -> dict[str, Tensor]:
+    """The ``gt_*`` tensors of ``collate_detection`` (float64: the metrics compare IoUs and areas as the
+    reference tools do, and a file's area of exactly 32**2 must stay on its side of the bucket edge)."""
+    counts = [len(g.labels) for g in gts]
+    k = max(counts)
+    out = {
+        "gt_boxes": torch.zeros(len(gts), k, 4, dtype=torch.float64),
+        "gt_labels": torch.full((len(gts), k), -1, dtype=torch.long),
+        "gt_difficult": torch.zeros(len(gts), k, dtype=torch.bool),
+        "gt_iscrowd": torch.zeros(len(gts), k, dtype=torch.bool),
+        "gt_area": torch.zeros(len(gts), k, dtype=torch.float64),
+        "gt_counts": torch.tensor(counts, dtype=torch.long),
+    }
+    for i, (g, n) in enumerate(zip(gts, counts)):
+        out["gt_boxes"][i, :n] = torch.from_numpy(g.boxes)
+        out["gt_labels"][i, :n] = torch.from_numpy(g.labels)
+        out["gt_difficult"][i, :n] = torch.from_numpy(g.difficult)
+        out["gt_iscrowd"][i, :n] = torch.from_numpy(g.iscrowd)
+        out["gt_area"][i, :n] = torch.from_numpy(g.area)
     return out

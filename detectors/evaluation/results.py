@@ -100,23 +100,29 @@ def coco_ground_truth(
     """A COCO ground-truth dataset of what the metric saw, to check a results file with any COCO tool.
 
     Args:
-        targets: one dict per image: ``boxes`` ``(M, 4)`` xyxy in the original frame, ``labels`` ``(M,)``.
+        targets: one dict per image: ``boxes`` ``(M, 4)`` xyxy in the original frame, ``labels`` ``(M,)``,
+            optional ``area`` and ``iscrowd`` ``(M,)``.
         image_ids: ``(B,)``; orig_sizes: ``(B, 2)`` (H0, W0).
         category_ids, class_names: id and name of each label.
         file_names: image id -> file, written as ``file_name`` when given.
 
     Returns:
-        ``{"images", "annotations", "categories"}``; ``area`` is the box area and ``iscrowd`` 0, which
-        is how ``COCOMeanAP`` scores targets without ``area``/``iscrowd`` (VOC's ``difficult`` flag has
-        no COCO counterpart and is left out, as the COCO metric ignores it too).
+        ``{"images", "annotations", "categories"}``; ``area`` and ``iscrowd`` are the targets' own (an
+        evaluation loader's ground truth carries the file's), else the box area and 0, which is how
+        ``COCOMeanAP`` scores targets without them (VOC's ``difficult`` flag has no COCO counterpart and
+        is left out, as the COCO metric ignores it too). For a COCO dataset the file itself is the
+        reference: pycocotools on it and the results file gives evaluate.py's stats.
     """
-    flat = _flatten(targets, image_ids, ("boxes", "labels"))
+    keys = ("boxes", "labels", *(k for k in ("area", "iscrowd") if targets and all(k in t for t in targets)))
+    flat = _flatten(targets, image_ids, keys)
     cats = torch.as_tensor(list(category_ids), dtype=torch.long)
     boxes = _xywh(flat["boxes"])
+    areas = flat["area"].to(torch.float64).tolist() if "area" in flat else [b[2] * b[3] for b in boxes]
+    crowd = flat["iscrowd"].int().tolist() if "iscrowd" in flat else [0] * len(boxes)
     annotations = [
-        {"id": n + 1, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-        for n, (i, c, b) in enumerate(zip(flat["image_id"].tolist(), cats[flat["labels"].long()].tolist(),
-                                          boxes))
+        {"id": n + 1, "image_id": i, "category_id": c, "bbox": b, "area": a, "iscrowd": z}
+        for n, (i, c, b, a, z) in enumerate(zip(flat["image_id"].tolist(), cats[flat["labels"].long()].tolist(),
+                                                boxes, areas, crowd))
     ]
     images = []
     for i, (h, w) in zip(torch.as_tensor(image_ids).tolist(), torch.as_tensor(orig_sizes).tolist()):

@@ -1,10 +1,14 @@
 """PASCAL VOC average precision (VOC2007 11-point and VOC2010+ area) as a torchmetrics ``Metric``.
 
 Semantics follow the VOC devkit (``VOCevaldet.m`` / py-faster-rcnn's
-``voc_eval.py``) with two documented differences:
+``voc_eval.py``), with these notes:
 
-* IoU uses continuous coordinates, ``(x2 - x1) * (y2 - y1)``, not the devkit's
-  "+1" pixel convention: our boxes are continuous xyxy in pixels.
+* IoU uses continuous coordinates, ``(x2 - x1) * (y2 - y1)``, without the
+  devkit's "+1": our boxes are continuous xyxy, 0-based, and the VOC reader
+  maps the devkit's 1-based inclusive ``[xmin, xmax]`` to ``[xmin - 1, xmax]``
+  (``detectors.data.formats.voc``), so every width and intersection is the
+  devkit's ``xmax - xmin + 1`` and this IoU equals the devkit's on the xml's
+  integer boxes exactly (``tests/test_voc_ap.py`` checks it).
 * A detection is a hit when IoU >= threshold, as the MATLAB devkit
   (py-faster-rcnn's ``voc_eval.py`` uses ``>``).
 
@@ -65,6 +69,9 @@ def voc_ap(recall: Tensor | np.ndarray, precision: Tensor | np.ndarray, use_07_m
 
 def voc_box_iou(dets: Tensor, gts: Tensor) -> Tensor:
     """IoU of each detection with its own row of GT boxes, continuous coordinates (no +1).
+
+    On boxes read from VOC xml (``x1 = xmin - 1``, ``x2 = xmax``) this is the devkit's "+1" IoU
+    of the xml's own numbers.
 
     Args:
         dets: ``(N, 4)`` xyxy. gts: ``(N, G, 4)`` xyxy.

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detectors.checkpoints import check_fits, find_last_checkpoint, load_checkpoint
+from detectors.checkpoints import check_fits, find_resumable_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
 from detectors.noise import silence_known_noise
 
@@ -100,12 +100,23 @@ def write_git_state(run_dir: str | Path, suffix: str = "") -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``: None, a file, or 'auto' = the newest last.ckpt of this task's run folders."""
+    """``ckpt_path``: None, a file, or 'auto' = the newest last.ckpt of this task's run folders that a
+    run of this configuration wrote (``detectors.checkpoints.RESUME_IGNORED_KEYS``: what may differ)."""
     path = cfg.get("ckpt_path")
     if path != "auto":
         return path
-    found = find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
-    log.info("ckpt_path=auto: %s", f"resuming from {found}" if found else "no last.ckpt found, starting fresh")
+    found, refused = find_resumable_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg)
+    shown = 3
+    why = " | ".join(f"{p} ({reason})" for p, reason in refused[:shown])
+    why += f" | and {len(refused) - shown} more" if len(refused) > shown else ""
+    if found:
+        log.info("ckpt_path=auto: resuming from %s%s", found,
+                 f" (newer ones skipped: {why})" if refused else "")
+    elif refused:
+        log.warning("ckpt_path=auto: no last.ckpt of this configuration, starting fresh; refused "
+                    "(key: checkpoint's vs this run's): %s", why)
+    else:
+        log.info("ckpt_path=auto: no last.ckpt found, starting fresh")
     return str(found) if found else None
 
 

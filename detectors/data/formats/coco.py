@@ -6,10 +6,15 @@ COCO 2017's with ``splits={train: train2017, val: val2017}``)::
     annotations/instances_<name>.json   <name>/<file_name>
 
 Pixel convention: ``bbox`` is [x, y, w, h] in continuous pixel coordinates; the record's box is
-[x, y, x + w, y + h] and nothing else (no +-1), so VOC, COCO and YOLO files of the same data
-carry the same numbers. Category ids map to contiguous labels in ``category_ids`` order (sorted
+[x, y, x + w, y + h] and nothing else (no +-1). A VOC xml box becomes [xmin - 1, ymin - 1, xmax,
+ymax] (see ``formats.voc``), so COCO's w = xmax - xmin + 1, as the common VOC -> COCO converters
+write it. Category ids map to contiguous labels in ``category_ids`` order (sorted
 by id when the class names come from the file) and back through that list: result files
 (``detectors.evaluation.results``, which reads ``category_ids``) carry the dataset's own ids.
+
+Evaluation scores every annotation of the file with its own ``area`` (the mask area, which
+decides COCO's small/medium/large) and crowd flag, degenerate and tiny boxes included, as
+pycocotools does against the same file (``Record.ground_truth``); training drops or clips those.
 
 ``iscrowd`` regions (and objects an extra ``"difficult": 1`` key marks, as ``write_coco``
 writes VOC's difficult flag) are kept as ``difficult``: heads neither train on them as
@@ -162,6 +167,9 @@ class COCOSource:
         owner = np.array([row_of[a["image_id"]] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        # the mask area decides small/medium/large in COCOeval; files without one get the box area
+        area = np.array([a["area"] if _number(a.get("area")) else w * h for a, (w, h) in zip(anns, xywh[:, 2:].tolist())],
+                        dtype=np.float64)
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         hard = crowd | np.array([bool(a.get("difficult", 0)) for a in anns], dtype=bool)
         for cat_id, n in sorted(Counter(cats[labels < 0].tolist()).items()):  # one line per category
@@ -183,7 +191,7 @@ class COCOSource:
                     continue
             rows = idx[bounds[k]:bounds[k + 1]]
             records.append(Record(int(image_id), str(path), width, height, xyxy[rows], labels[rows], hard[rows],
-                                  crowd[rows]))
+                                  crowd[rows], area[rows]))
         records = self.checks.finish(records)
         if not records:
             raise ValueError(f"split {split!r} of {ann_path} has no usable images")

@@ -31,7 +31,13 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from detectors.data.records import BadSampleError, Record, SkipCounter
+from detectors.data.records import (
+    BadSampleError,
+    GroundTruth,
+    Record,
+    SkipCounter,
+    box_area,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +177,24 @@ class AnnotationChecks:
         head's regression target; one wholly outside the image has nothing to look at. Both are
         dropped (or raise), as are boxes under ``min_box_size`` pixels after clipping. All boxes of
         the split are checked in one pass (per-record numpy calls cost seconds on COCO).
+
+        Each record keeps the boxes as the file gave them in ``ground_truth``, which evaluation
+        scores (pycocotools and the VOC devkit count degenerate, tiny and outside boxes too).
         """
         counts = [len(r.boxes) for r in records]
         if not sum(counts):
             return records
         starts = np.cumsum([0, *counts])
-        b = np.concatenate([r.boxes for r in records]).astype(np.float64)
+        raw = np.concatenate([r.boxes for r in records]).astype(np.float64)
+        finite = np.isfinite(raw).all(axis=1)
+        area = np.concatenate([r.area if r.area is not None else box_area(r.boxes.astype(np.float64))
+                               for r in records])
+        for k, r in enumerate(records):  # what evaluation scores: the file's boxes (a NaN cannot be scored)
+            sl = slice(starts[k], starts[k + 1])
+            ok = finite[sl]
+            r.ground_truth = GroundTruth(raw[sl][ok], r.labels[ok], r.difficult[ok], r.iscrowd[ok], area[sl][ok])
+        b = raw
         size = np.repeat(np.array([[r.width, r.height] for r in records], dtype=np.float64), counts, axis=0)
-        finite = np.isfinite(b).all(axis=1)
         b = np.where(finite[:, None], b, 0.0)
         degenerate = ~finite | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
         c = np.clip(b, 0, np.tile(size, 2))
@@ -205,4 +221,6 @@ class AnnotationChecks:
                 kept = keep[sl]
                 r.boxes, r.labels, r.difficult = c[sl][kept], r.labels[kept], r.difficult[kept]
                 r.iscrowd = r.iscrowd[kept]
+                if r.area is not None:
+                    r.area = r.area[kept]
         return records

@@ -1,14 +1,18 @@
 """Pascal VOC layout: Annotations/*.xml, JPEGImages/*, ImageSets/Main/{split}.txt; one folder or several.
 
-Pixel convention: the xml's numbers are used as they are, as continuous xyxy coordinates (the
-devkit's pixels are 1-based and it subtracts 1 when loading; torchvision and MMDetection keep
-the values, and so do we, so a box has the same numbers here, in COCO's [x, y, w, h] and in
-YOLO's normalised centres). ``write_voc`` writes each coordinate as the shortest decimal that
-reads back to the same float32, so VOC -> X -> VOC reproduces every box exactly.
+Pixel convention: the devkit's boxes are 1-based and inclusive (xmin=1, xmax=10 covers the first
+10 pixel columns; its IoU adds 1 to every width), ours are continuous xyxy, 0-based, pixel i
+spanning [i, i+1). Reading maps one to the other: x1 = xmin - 1, y1 = ymin - 1, x2 = xmax,
+y2 = ymax, so a box is xmax - xmin + 1 pixels wide (the width the common VOC -> COCO converters
+write) and xmin == xmax is a valid one-pixel box; ``write_voc`` writes xmin = x1 + 1,
+ymin = y1 + 1, xmax = x2, ymax = y2. COCO's [x, y, w, h] and YOLO's normalised centres carry the
+continuous numbers as they are. Each written coordinate is the shortest decimal that reads back
+to the same float32 (integer boxes stay integers), so VOC -> X -> VOC reproduces every box exactly.
 """
 
 from __future__ import annotations
 
+import decimal
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 def parse_voc_xml(path: Path) -> dict:
     """Read one VOC annotation: {'filename', 'width', 'height', 'objects': [(name, [x1,y1,x2,y2], difficult)]}.
 
+    The boxes are continuous (x1, y1 = xmin - 1, ymin - 1; x2, y2 = xmax, ymax; see the module doc).
     A missing or non-positive <size> gives width = height = 0 (the caller reads the image header).
     Raises BadSampleError with the reason for a malformed file.
     """
@@ -47,7 +52,9 @@ def parse_voc_xml(path: Path) -> dict:
         objects = []
         for obj in root.iter("object"):
             bb = obj.find("bndbox")
-            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[union-attr, arg-type]
+            corners = ("xmin", "ymin", "xmax", "ymax")
+            xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in corners)  # type: ignore[union-attr, arg-type]
+            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]  # 1-based, inclusive -> continuous, 0-based
             objects.append((obj.findtext("name", "").strip(), box, obj.findtext("difficult", "0").strip() == "1"))
     except (AttributeError, TypeError, ValueError) as e:
         raise BadSampleError(f"malformed annotation ({type(e).__name__}: {e})") from None
@@ -202,6 +209,52 @@ def _number(value: float) -> str:
     return np.format_float_positional(np.float32(value), trim="-")
 
 
+def _fraction_digits(text: str) -> int:
+    return len(text.partition(".")[2])
+
+
+def _number_plus_one(value: float) -> str:
+    """The shortest decimal d with float32(float(d) - 1) == float32(value): the xmin of x1 = value.
+
+    Adding 1 to the float32 would lose the low bits of small coordinates, so 1 is added in
+    decimal to the value's own shortest decimal ('0.3' -> '1.3'), and that is shortened while
+    the rounded exact value + 1 with one fraction digit fewer still reads back (the decimals
+    that read back form an interval around the exact value, so floor and ceiling at each length
+    are the only candidates). Only a coordinate under 2**-29 px (~2e-9), which float64(d) - 1
+    cannot resolve, comes back as the nearest decimal it can.
+    """
+    v = np.float32(value)
+    if not np.isfinite(v):
+        return _number(v)
+    if float(v).is_integer():
+        return str(int(v) + 1)
+
+    def reads_back(text: str) -> bool:  # what parse_voc_xml makes of it
+        return bool(np.float32(float(text) - 1.0) == v)
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = 200  # a float32's decimal expansion has at most ~150 digits: the sums are exact
+        exact = decimal.Decimal(float(v)) + 1
+
+        def at(digits: int) -> str | None:
+            step = decimal.Decimal(1).scaleb(-digits)
+            rounded = (exact.quantize(step, rounding=r) for r in (decimal.ROUND_FLOOR, decimal.ROUND_CEILING))
+            candidates = sorted(rounded, key=lambda d: abs(d - exact))
+            for d in candidates:
+                text = format(d, "f")
+                text = text.rstrip("0").rstrip(".") if "." in text else text
+                if reads_back(text):
+                    return text
+            return None
+
+        text = format(decimal.Decimal(_number(v)) + 1, "f")
+        if not reads_back(text):
+            text = next((t for t in map(at, range(1, 60)) if t is not None), format(exact, "f"))
+        while _fraction_digits(text) > 0 and (shorter := at(_fraction_digits(text) - 1)) is not None:
+            text = shorter
+        return text
+
+
 def write_voc(
     dst: Path,
     splits: Mapping[str, list[Record]],
@@ -212,6 +265,7 @@ def write_voc(
 
     place_image(record, folder) puts the record's image into ``folder`` and returns its file
     name there (unique within the folder); the image id is that name without its suffix.
+    Boxes are written 1-based: xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2 (module doc).
     """
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (dst / sub).mkdir(parents=True, exist_ok=True)
@@ -235,8 +289,10 @@ def write_voc(
                 ET.SubElement(obj, "truncated").text = "0"
                 ET.SubElement(obj, "difficult").text = str(int(diff))
                 bb = ET.SubElement(obj, "bndbox")
-                for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
-                    ET.SubElement(bb, key).text = _number(value)
+                x1, y1, x2, y2 = box
+                for key, text in zip(("xmin", "ymin", "xmax", "ymax"),
+                                     (_number_plus_one(x1), _number_plus_one(y1), _number(x2), _number(y2))):
+                    ET.SubElement(bb, key).text = text
             ET.indent(ann)
             ET.ElementTree(ann).write(dst / "Annotations" / f"{image_id}.xml", encoding="unicode")
         (dst / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
