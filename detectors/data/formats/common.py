@@ -187,15 +187,15 @@ class AnnotationChecks:
         starts = np.cumsum([0, *counts])
         raw = np.concatenate([r.boxes for r in records]).astype(np.float64)
         finite = np.isfinite(raw).all(axis=1)
-        area = np.concatenate([r.area if r.area is not None else box_area(r.boxes.astype(np.float64))
-                               for r in records])
+        area = box_area(raw)  # the source's own area (COCO's mask area) replaces it where there is one
         for k, r in enumerate(records):  # what evaluation scores: the file's boxes (a NaN cannot be scored)
             sl = slice(starts[k], starts[k + 1])
+            if r.area is not None:
+                area[sl] = r.area
             ok = finite[sl]
             r.ground_truth = GroundTruth(raw[sl][ok], r.labels[ok], r.difficult[ok], r.iscrowd[ok], area[sl][ok])
-        b = raw
         size = np.repeat(np.array([[r.width, r.height] for r in records], dtype=np.float64), counts, axis=0)
-        b = np.where(finite[:, None], b, 0.0)
+        b = np.where(finite[:, None], raw, 0.0)
         degenerate = ~finite | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
         c = np.clip(b, 0, np.tile(size, 2))
         cw, ch = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
