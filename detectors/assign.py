@@ -89,3 +89,61 @@ def gather_gt(values: Tensor, gt_index: Tensor) -> Tensor:
         return values.gather(1, index)
     expanded = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
     return values.gather(1, expanded)
+
+
+# ---- grid assignment (YOLO heads) ----------------------------------------------------------------
+
+def cells_of_centres(boxes: Tensor, grid_shape: tuple[int, int], image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The grid cell holding each box's centre (YOLO's "responsible" cell), batched.
+
+    Args:
+        boxes: (..., 4) xyxy in pixels of an image of ``image_size`` (H, W).
+        grid_shape: (h, w) cells; a cell is H / h by W / w pixels.
+    Returns:
+        (row, col), each (...) long, clamped into the grid: a centre exactly on the right or bottom
+        border belongs to the last cell, one on an inner border to the cell below / right of it
+        (floor), as darknet's ``(int)(x * w)``.
+    """
+    h, w = grid_shape
+    cx = (boxes[..., 0] + boxes[..., 2]) * 0.5
+    cy = (boxes[..., 1] + boxes[..., 3]) * 0.5
+    col = torch.floor(cx * (w / image_size[1])).long().clamp(0, w - 1)
+    row = torch.floor(cy * (h / image_size[0])).long().clamp(0, h - 1)
+    return row, col
+
+
+def owner_of_slots(slot: Tensor, valid: Tensor, num_slots: int, keep: str = "last") -> Tensor:
+    """Which ground truth owns each prediction slot when several claim one, batched.
+
+    Args:
+        slot: (B, M) long, the slot each ground truth claims (a cell, or cell x anchor), in 0..num_slots-1.
+        valid: (B, M) bool, ground truths that claim at all (padding and ignored ones do not).
+        keep: ``"last"`` (the later ground truth wins: darknet's region and yolo layers overwrite the
+            deltas in their loop over truths) or ``"first"`` (the earlier one wins: darknet's YOLOv1
+            label grid keeps the first box of a cell).
+    Returns:
+        (B, num_slots) long, the owning ground truth's index on the padded axis, -1 where none.
+    """
+    if keep not in ("first", "last"):
+        raise ValueError(f"keep must be 'first' or 'last', got {keep!r}")
+    batch, num_gt = slot.shape
+    device = slot.device
+    ids = torch.arange(num_gt, device=device).expand(batch, num_gt)
+    if keep == "last":
+        owner = torch.full((batch, num_slots), -1, dtype=torch.long, device=device)
+        owner.scatter_reduce_(1, slot.clamp(0, num_slots - 1), torch.where(valid, ids, -1), reduce="amax")
+        return owner
+    none = num_gt  # above every real index, so amin keeps the first claimant
+    owner = torch.full((batch, num_slots), none, dtype=torch.long, device=device)
+    owner.scatter_reduce_(1, slot.clamp(0, num_slots - 1), torch.where(valid, ids, none), reduce="amin")
+    return torch.where(owner == none, -1, owner)
+
+
+def shape_iou(wh: Tensor, anchors: Tensor) -> Tensor:
+    """IoU of boxes and anchors with their centres aligned (YOLO's anchor choice: shape alone).
+
+    wh: (..., 2) box widths and heights; anchors: (K, 2), same unit -> (..., K).
+    """
+    inter = torch.minimum(wh[..., None, :], anchors).prod(-1)
+    union = wh.prod(-1)[..., None] + anchors.prod(-1) - inter
+    return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)
