@@ -36,6 +36,16 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)
 
 
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of each box with its partner: (..., 4), (..., 4) xyxy (broadcastable) -> (...). Empty boxes give 0."""
+    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).tiny)
+
+
 class DeltaBoxCoder:
     """The R-CNN / SSD delta encoding of boxes relative to reference boxes (priors, anchors, proposals).
 
@@ -146,3 +156,45 @@ def boxes_to_input(boxes: Tensor, frames: Tensor) -> Tensor:
     :func:`boxes_to_original` inside the image); ``frames`` as there."""
     scale, offset = _frame_xyxy(frames.to(device=boxes.device, dtype=boxes.dtype))
     return boxes * scale + offset
+
+
+class GridCoder:
+    """YOLOv2/v3's direct location prediction (Redmon and Farhadi 2017, eq. under "Direct location
+    prediction"): a box is its cell's corner plus an offset in 0..1 (the sigmoid of t_x, t_y), in cells,
+    and an anchor's size times ``exp(t_w)``, ``exp(t_h)``. Offsets here are the sigmoids themselves, so the
+    coder needs no activation; sizes are in pixels of the input, as the anchors.
+
+    ``max_log_scale`` caps ``t_w``, ``t_h`` when decoding (an untrained head cannot overflow ``exp``).
+    """
+
+    def __init__(self, max_log_scale: float = math.log(1000.0 / 16)):
+        self.max_log_scale = max_log_scale
+
+    @staticmethod
+    def cell_sizes(grid_shape: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float]:
+        """(stride_y, stride_x): pixels per cell."""
+        return image_size[0] / grid_shape[0], image_size[1] / grid_shape[1]
+
+    def decode(self, offsets: Tensor, log_wh: Tensor, anchors: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """offsets (B, h, w, A, 2) x, y in 0..1 of the cell; log_wh (B, h, w, A, 2); anchors (A, 2) w, h in
+        pixels -> boxes (B, h, w, A, 4) xyxy in pixels of an image of ``image_size`` (H, W)."""
+        grid_h, grid_w = offsets.shape[1:3]
+        stride_y, stride_x = self.cell_sizes((grid_h, grid_w), image_size)
+        rows = torch.arange(grid_h, device=offsets.device, dtype=offsets.dtype).view(1, -1, 1, 1)
+        cols = torch.arange(grid_w, device=offsets.device, dtype=offsets.dtype).view(1, 1, -1, 1)
+        cx = (cols + offsets[..., 0]) * stride_x
+        cy = (rows + offsets[..., 1]) * stride_y
+        wh = anchors * torch.exp(log_wh.clamp(max=self.max_log_scale))
+        centre = torch.stack([cx, cy], -1)
+        return torch.cat([centre - wh / 2, centre + wh / 2], -1)
+
+    def encode(self, boxes: Tensor, row: Tensor, col: Tensor, anchors_wh: Tensor, grid_shape: tuple[int, int],
+               image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The targets of ``decode``: boxes (..., 4) xyxy in pixels, their cell (row, col) (...) and the
+        anchor size (..., 2) each is learnt by -> (offsets (..., 2) in 0..1, log_wh (..., 2))."""
+        stride_y, stride_x = self.cell_sizes(grid_shape, image_size)
+        cxcywh = box_convert(boxes, "xyxy", "cxcywh")
+        offsets = torch.stack([cxcywh[..., 0] / stride_x - col, cxcywh[..., 1] / stride_y - row], -1)
+        # a degenerate GT never becomes a target (dropped at load); the clamp only guards log(0) in padding
+        log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-6) / anchors_wh.clamp(min=1e-6))
+        return offsets, log_wh
