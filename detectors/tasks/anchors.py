@@ -41,7 +41,8 @@ from detectors.anchors import kmeans_anchors, mean_best_iou
 from detectors.data.records import Record, Source
 from detectors.data.transforms import build_transform, letterbox_frame
 
-USAGE = "usage: python -m detectors.anchors kmeans [Hydra overrides as for train.py] [k=5] [seed=0] [iters=300] [out=PATH]"
+USAGE = ("usage: python -m detectors.anchors kmeans [Hydra overrides as for train.py] [k=5] [seed=0] [iters=300] "
+         "[out=PATH]")
 OWN_KEYS = {"k": int, "seed": int, "iters": int, "out": str}
 LETTERBOX_PRESETS = ("yolo", "letterbox")
 
@@ -90,7 +91,8 @@ def box_sizes_at_input(records: Sequence[Record], input_size: Sequence[int], let
     scale = np.repeat(np.asarray(scales, dtype=np.float64).reshape(-1, 2), counts, axis=0)  # (N, 2) per box
     wh = (boxes[:, 2:] - boxes[:, :2]) * scale
     tiny = ~ignored & (wh < min_box_size).any(axis=1)
-    left_out = {"difficult or crowd": int(ignored.sum()), f"under min_box_size={min_box_size:g} px at the input": int(tiny.sum())}
+    left_out = {"difficult or crowd": int(ignored.sum()),
+                f"under min_box_size={min_box_size:g} px at the input": int(tiny.sum())}
     return torch.from_numpy(wh[~ignored & ~tiny]), left_out
 
 
@@ -141,14 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     augment = datamodule.augment
     preset = augment.get("preset", "none")
     letterbox = preset in LETTERBOX_PRESETS
-    min_box_size = float(augment.get("min_box_size", inspect.signature(build_transform).parameters["min_box_size"].default))
+    # the training transform's own default where the augment config does not set it
+    default_min_box_size = inspect.signature(build_transform).parameters["min_box_size"].default
+    min_box_size = float(augment.get("min_box_size", default_min_box_size))
     wh, left_out = box_sizes_at_input(records, input_size, letterbox, min_box_size)
 
     height, width = input_size
     root = cfg.data.get("root")
     print(f"k-means anchors (YOLOv2 dimension clusters, d = 1 - IoU), k={k} seed={own['seed']}")
     print(f"data: {type(datamodule.source).__name__}, train split, {len(records)} images"
-          + (f", data.root={root}" if root is not None else "") + (" (boxes generated with the images)" if generated else ""))
+          + (f", data.root={root}" if root is not None else "")
+          + (" (boxes generated with the images)" if generated else ""))
     resize = (f"letterbox (augment preset {preset!r}): w, h * min({width} / W0, {height} / H0)" if letterbox
               else f"stretch (augment preset {preset!r}): w * {width} / W0, h * {height} / H0")
     print(f"input {width}x{height} (W x H), {resize}")
@@ -175,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mean IoU of the config's head.anchors ({len(current)}): {mean_best_iou(wh, current):.4f}")
 
     header = (f"# k-means anchors (1 - IoU), k={k} seed={own['seed']}, {len(wh)} training boxes at input "
-              f"{width}x{height} ({'letterbox' if letterbox else 'stretch'}); overrides: {' '.join(overrides) or '-'}\n")
+              f"{width}x{height} ({'letterbox' if letterbox else 'stretch'}); "
+              f"overrides: {' '.join(overrides) or '-'}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + f"head:\n  anchors: {anchors_yaml(rounded)}\n")
     print(f"wrote {out}; as an override: '{'' if current is not None else '+'}head.anchors={anchors_yaml(rounded)}'")
