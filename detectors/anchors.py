@@ -1,17 +1,26 @@
-"""Priors (default boxes) computed from feature-map shapes at run time.
+"""Priors (default boxes) computed from feature-map shapes at run time, and anchors clustered from data.
 
 Computing them from the shapes the network actually produced, instead of a
 table for one input size, is what lets every head train at any input size
 (multi-scale training, SSD512, non-square inputs).
+
+``kmeans_anchors`` picks a YOLO head's anchor shapes from the training boxes (YOLOv2's dimension
+clusters); ``python -m detectors.anchors kmeans ...`` runs it on a configured dataset
+(``detectors.tasks.anchors``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from detectors.assign import shape_iou
+
+log = logging.getLogger(__name__)
 
 
 class SSDPriors:
@@ -99,3 +108,109 @@ class SSDPriors:
             levels.append(torch.cat([centres, sizes], dim=-1).reshape(-1, 4))
         priors = torch.cat(levels) * torch.tensor([width, height, width, height], dtype=torch.float64)
         return priors.float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dimension clusters (Redmon & Farhadi 2017, YOLOv2 sec. 2 "Dimension Clusters"): anchors chosen by
+# k-means over the training boxes' widths and heights with d(box, centroid) = 1 - IoU(box, centroid),
+# the boxes' centres aligned, so a large box is not farther from its centroid than a small one for
+# the same relative error (Euclidean k-means would spend the clusters on the large boxes).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_boxes(wh: Tensor, k: int) -> None:
+    if wh.ndim != 2 or wh.shape[1] != 2:
+        raise ValueError(f"wh must be (N, 2) widths and heights, got shape {tuple(wh.shape)}")
+    if not torch.isfinite(wh).all() or not (wh > 0).all():
+        raise ValueError("wh must be finite and positive: drop degenerate boxes before clustering")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    distinct = torch.unique(wh, dim=0).shape[0]
+    if k > distinct:
+        raise ValueError(f"k={k} clusters need at least {k} distinct box shapes; the {wh.shape[0]} boxes "
+                         f"have {distinct} distinct (w, h)")
+
+
+def kmeans_plus_plus(wh: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) under d = 1 - shape IoU.
+
+    The first centroid is a box drawn uniformly; each next one a box drawn with probability
+    proportional to d^2 to its nearest centroid so far, which spreads the start over the shapes
+    (plain random seeding, darknet's, puts several centroids in the densest cluster).
+
+    wh: (N, 2) with at least ``k`` distinct rows (a box equal to a centroid has d = 0 and is never
+    drawn again, so the k centroids are distinct) -> (k, 2) rows of ``wh``.
+    """
+    first = torch.randint(wh.shape[0], (1,), generator=generator)
+    centroids = [wh[first]]
+    nearest = 1 - shape_iou(wh, centroids[0])[:, 0]  # (N,) d to the nearest centroid
+    for _ in range(1, k):
+        pick = torch.multinomial(nearest.square(), 1, generator=generator)
+        centroids.append(wh[pick])
+        nearest = torch.minimum(nearest, 1 - shape_iou(wh, centroids[-1])[:, 0])
+    return torch.cat(centroids)
+
+
+def iou_kmeans(wh: Tensor, centroids: Tensor, iters: int = 300) -> tuple[Tensor, bool]:
+    """Lloyd iterations under d = 1 - shape IoU from ``centroids``, until the assignment repeats.
+
+    Each box joins the centroid of highest shape IoU (ties: the lower index); each centroid moves to
+    the mean (w, h) of its members, as the paper's and darknet's ``gen_anchors.py`` do (the mean is
+    not the minimiser of the summed 1 - IoU, so convergence is not guaranteed: ``iters`` caps it). A
+    centroid left without members is moved onto the box farthest from its own centroid (highest
+    d), the point the clustering explains worst, so k clusters stay in use; several empty ones take
+    the farthest boxes in order.
+
+    wh: (N, 2); centroids: (k, 2) start -> ((k, 2) centroids, whether the assignment stopped changing).
+    """
+    previous = None
+    for _ in range(iters):
+        iou = shape_iou(wh, centroids)  # (N, k)
+        assign = iou.argmax(1)  # argmax documents first-index ties
+        if previous is not None and torch.equal(assign, previous):
+            return centroids, True
+        previous = assign
+        counts = torch.bincount(assign, minlength=len(centroids))
+        sums = torch.zeros_like(centroids).index_add_(0, assign, wh)
+        centroids = sums / counts.clamp(min=1).unsqueeze(1).to(wh.dtype)
+        empty = counts == 0
+        if empty.any():
+            own_distance = 1 - iou.gather(1, assign[:, None])[:, 0]
+            centroids[empty] = wh[own_distance.topk(int(empty.sum())).indices]
+    return centroids, False
+
+
+def kmeans_anchors(wh: Tensor, k: int, seed: int = 0, iters: int = 300) -> Tensor:
+    """YOLOv2's dimension clusters: k anchors (w, h) from the boxes' (w, h), sorted by area ascending.
+
+    k-means with d = 1 - IoU of centre-aligned boxes (``detectors.assign.shape_iou``), k-means++
+    seeding from ``torch.Generator().manual_seed(seed)``, Lloyd iterations until the assignment stops
+    changing or ``iters`` rounds (see ``iou_kmeans``; a cap reached is logged as a warning).
+
+    wh: (N, 2) widths and heights, positive, in any unit -> (k, 2) in that unit and wh's dtype.
+    Raises ValueError when ``wh`` has fewer than ``k`` distinct rows (a cluster would have no box).
+    """
+    _check_boxes(wh, k)
+    data = wh.double()  # the members' sums run over up to ~1e6 boxes (COCO): float32 would lose digits
+    start = kmeans_plus_plus(data, k, torch.Generator().manual_seed(seed))
+    centroids, converged = iou_kmeans(data, start, iters)
+    if not converged:
+        log.warning("k-means stopped after iters=%d rounds with assignments still changing", iters)
+    return centroids[centroids.prod(1).argsort()].to(wh.dtype)
+
+
+def mean_best_iou(wh: Tensor, anchors: Tensor | Sequence[Sequence[float]]) -> float:
+    """YOLOv2's "Avg IOU" (Table 1): the mean over boxes of the best shape IoU with any anchor.
+
+    wh: (N, 2); anchors: (K, 2) in the same unit (a tensor or a list of [w, h]) -> float in [0, 1].
+    """
+    anchors = torch.as_tensor(anchors, dtype=torch.float64)
+    return float(shape_iou(wh.double(), anchors).amax(1).mean())
+
+
+if __name__ == "__main__":
+    import sys
+
+    from detectors.tasks.anchors import main
+
+    sys.exit(main())
