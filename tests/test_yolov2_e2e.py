@@ -1,0 +1,37 @@
+"""YOLOv2 through train.py and evaluate.py as a user runs them: the overfit preset fits its images, a run
+trains, evaluates from its checkpoint and resumes (the prior-term image count travels in the checkpoint)."""
+
+import pytest
+import torch
+
+from test_train_e2e import TINY, read_metrics, run, run_dir
+
+SMALL = ["model=yolov2", "input_size=[256,256]", "multiscale.sizes=null"]
+
+
+@pytest.mark.slow
+def test_overfit_preset_fits_two_images(tmp_path):
+    out = run("train.py", *SMALL, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
+              "trainer.max_epochs=80", "trainer.check_val_every_n_epoch=80", run_dir(tmp_path, "overfit"))
+    rows = read_metrics(tmp_path / "overfit")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/map_50"]) for r in rows if r.get("val/map_50")]
+    assert len(losses) == 80 and losses[-1] < 0.3 * losses[0], out[-3000:]
+    assert val[-1] >= 0.9, (val, losses[::10])
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_resume(tmp_path):
+    out = run("train.py", "model=yolov2", "input_size=[224,224]", "multiscale.sizes=[192,256]",
+              "multiscale.every_n_batches=1", "trainer.max_epochs=1", run_dir(tmp_path, "run"), *TINY)
+    assert "backbone darknet19: weights from random init" in out
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["detector.head.images_seen"].item() == 4  # one epoch of 4 images
+    out = run("evaluate.py", f"ckpt_path={ckpt}", "split=val", "num_workers=0", "trainer.accelerator=cpu",
+              run_dir(tmp_path, "eval"))
+    assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+    run("train.py", "model=yolov2", "input_size=[224,224]", "multiscale.sizes=[192,256]",
+        "multiscale.every_n_batches=1", "trainer.max_epochs=2", f"ckpt_path={ckpt}", run_dir(tmp_path, "run"), *TINY)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["detector.head.images_seen"].item() == 8
