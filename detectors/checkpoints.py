@@ -61,6 +61,9 @@ def last_checkpoints(runs_dir: str | Path) -> list[Path]:
 # parts, losses, data (root, splits, sizes, classes, batch size, augmentation), input size, optimizer,
 # schedule, mixup, multi-scale, precision, devices, gradient clipping, and the seed: runs that differ
 # only in it are replicas of one experiment (a resumed run takes its RNG state from the checkpoint).
+# data.train_input_size is compared too: the configs derive it from input_size and multiscale.sizes, so
+# then it only repeats a difference those keys show, but set by hand it changes what the network trains
+# on (and a checkpoint from before the key was added trained multi-scale on enlarged images).
 RESUME_IGNORED_KEYS = (
     "ckpt_path", "resume_in_run_folder", "test", "optimized_metric", "task_name", "paths", "hydra",
     "logger", "callbacks",

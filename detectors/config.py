@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 
 def auto_precision() -> str:
@@ -33,7 +33,21 @@ def num_classes(classes) -> int:
     return len(classes)
 
 
+def train_input_size(input_size, multiscale_sizes) -> ListConfig:
+    """``${train_input_size:${input_size},${multiscale.sizes}}``: the [H, W] the training loader
+    delivers, the per-side largest of ``input_size`` and every multi-scale size (``input_size`` when
+    multi-scale is off), so the module only ever shrinks a batch to its drawn size (see
+    ``detectors.data.batch_ops.MultiScale``). Derived here so nobody writes the size twice."""
+    from detectors.data.batch_ops import largest_size
+
+    sizes = [input_size, *(multiscale_sizes or [])]
+    # a ListConfig, not a list: OmegaConf.resolve (Hydra's --resolve) cannot put a plain list in a value node
+    return OmegaConf.create(list(largest_size([OmegaConf.to_object(s) if OmegaConf.is_config(s) else s
+                                               for s in sizes])))
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("len", num_classes, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("gpu_or_cpu", gpu_or_cpu, replace=True)
+    OmegaConf.register_new_resolver("train_input_size", train_input_size, replace=True)

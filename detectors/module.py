@@ -41,6 +41,8 @@ class DetectionModule(L.LightningModule):
             stored in checkpoints so evaluate.py can rebuild the model.
         mixup: ``BatchMixup`` arguments {prob, alpha, seed}; None or prob 0: off.
         multiscale: ``MultiScale`` arguments {sizes, every_n_batches, seed}; None or no sizes: off.
+            Training batches must then come at the largest of the sizes (the data module's
+            ``train_input_size``): they are only ever shrunk to their drawn size, never enlarged.
             Both act on training batches only, on the device (see ``on_after_batch_transfer``);
             plain mappings, so the checkpoint's hyperparameters stay loadable with weights_only.
         compile: ``torch.compile`` the network's forward (backbone, neck, head convolutions; in place,
@@ -147,15 +149,17 @@ class DetectionModule(L.LightningModule):
     # ---- data on the device -------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
         """uint8 images travel (4x fewer bytes than float); normalise here, on the device. Training
-        batches then get mixup and the multi-scale resize (boxes with them); evaluation batches
-        stay at ``input_size``."""
+        batches then get the multi-scale resize (a shrink from the loader's largest size, boxes and
+        frames with it) and mixup; evaluation batches stay at ``input_size``."""
         batch = {**batch, "images": (batch["images"].float() - self.mean) / self.std}
         if (self.mixup is not None or self.multiscale is not None) and self._is_training_batch():
             step = self._batch_counter()
-            if self.mixup is not None:
-                batch = self.mixup(batch, step)
+            # shrink first: mixup is linear, as the resize is, so the order changes nothing but the
+            # number of pixels mixup blends
             if self.multiscale is not None:
                 batch = self.multiscale(batch, step)
+            if self.mixup is not None:
+                batch = self.mixup(batch, step)
         if self.channels_last:
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         return batch

@@ -134,11 +134,15 @@ def ssd():
 
     module = build_ours(["model=ssd300", "mixup.prob=1.0", "multiscale.sizes=[320,352]",
                          "multiscale.every_n_batches=1", "seed=5"], num_classes=3)
-    return module, random_batch(2, 300, 3, 4, "cpu", seed=1)
+    # the loader delivers the largest multiscale size (data.train_input_size), which batches shrink from
+    return module, random_batch(2, 352, 3, 4, "cpu", seed=1)
 
 
 def test_eval_batches_are_left_at_the_input_size(ssd):
-    module, batch = ssd
+    from common import random_batch
+
+    module, _ = ssd
+    batch = random_batch(2, 300, 3, 4, "cpu", seed=1)  # what the evaluation loader delivers
     module.eval()
     out = module.on_after_batch_transfer(batch, 0)
     assert out["images"].shape == (2, 3, 300, 300) and out["boxes"].shape == (2, 4, 4)
@@ -146,8 +150,8 @@ def test_eval_batches_are_left_at_the_input_size(ssd):
 
 
 def test_ssd_training_step_under_mixup_and_multiscale(ssd):
-    """The training batch is normalised, mixed (both images' boxes, weights lam and 1 - lam) and
-    resized with its boxes; SSD300 builds its priors for that size and the loss, box term included,
+    """The training batch is normalised, shrunk with its boxes from the loader's 352 to the drawn size,
+    and mixed (both images' boxes, weights lam and 1 - lam); SSD300 builds its priors for that size and the loss, box term included,
     is the lam-weighted sum of the terms of the two images' boxes, and trains."""
     module, batch = ssd
     module.train()
@@ -156,7 +160,7 @@ def test_ssd_training_step_under_mixup_and_multiscale(ssd):
     size = module.multiscale.size_at(0)
     partner, lam = module.mixup.draw(2, 0)
     assert out["images"].shape == (2, 3, *size) and out["images"].is_contiguous(memory_format=torch.channels_last)
-    scale = size[1] / 300
+    scale = size[1] / 352
     torch.testing.assert_close(out["boxes"][:, :4], batch["boxes"] * scale)
     torch.testing.assert_close(out["boxes"][:, 4:], batch["boxes"][torch.from_numpy(partner)] * scale)
     torch.testing.assert_close(out["weights"][:, 0], torch.from_numpy(lam))
@@ -247,7 +251,7 @@ class RecordingDetector(torch.nn.Module):
                 for _ in range(len(raw[1]))]
 
 
-def fit(tmp_path, name, epochs_to_run=None, ckpt_path=None):
+def fit(tmp_path, name, epochs_to_run=None, ckpt_path=None, train_input_size=(80, 80)):
     import functools
 
     import lightning as L
@@ -264,8 +268,8 @@ def fit(tmp_path, name, epochs_to_run=None, ckpt_path=None):
         mixup={"prob": 0.5, "alpha": 1.5, "seed": 1}, multiscale={"sizes": [48, 64, 80], "every_n_batches": 1, "seed": 1},
     )
     source = ShapesSource({"train": 8, "val": 2}, image_size=(64, 64), seed=0)
-    data = DetectionDataModule(source, input_size=(64, 64), augment={"preset": "ssd"}, batch_size=2,
-                               num_workers=0, seed=0)
+    data = DetectionDataModule(source, input_size=(64, 64), train_input_size=train_input_size,
+                               augment={"preset": "ssd"}, batch_size=2, num_workers=0, seed=0)
     callbacks = [ModelCheckpoint(dirpath=tmp_path / name, save_last=True)]
     if epochs_to_run:
         callbacks.append(StopAfterEpochs(epochs_to_run))
@@ -288,3 +292,11 @@ def test_resumed_run_draws_the_same_mixup_and_sizes(tmp_path):
     assert all(s[0] == s[1] for s in train)  # ...and the loss gets the size the network saw
     assert any(s[4] > 0 and s[3] != s[4] for s in train)  # some batch mixed (weights below 1)
     assert all(s == ("eval", (64, 64)) for s in full if s[0] == "eval")  # validation at the input size
+
+
+def test_a_run_whose_loader_delivers_less_than_the_largest_size_stops_at_its_first_batch(tmp_path):
+    """Training batches at input_size 64 under sizes up to 80: the first training batch is refused,
+    whatever size it draws (an 80 would be an upsampled 64), before any step runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    with pytest.raises(ValueError, match=r"training batch of 64x64 is smaller than the largest multiscale size 80x80"):
+        fit(tmp_path, "small", train_input_size=(64, 64))

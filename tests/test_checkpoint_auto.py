@@ -84,7 +84,9 @@ def test_paths_epochs_logging_and_loading_settings_do_not_block_a_resume(tmp_pat
 
 @pytest.mark.parametrize("override,key", [
     ("backbone=darknet53", "backbone._target_"),
-    ("model=ssdlite", "backbone._target_"),
+    # the first three differences are shown, in key order: SSDLite's 320 px (data.source.image_size, data.input_size,
+    # data.train_input_size) before its backbone
+    ("model=ssdlite", "data.input_size"),
     ("optimizer=adamw", "optimizer._target_"),
     ("optimizer.lr=0.02", "optimizer.lr"),
     ("data.classes=[a,b]", "data.classes"),

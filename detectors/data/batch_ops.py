@@ -1,4 +1,4 @@
-"""Batch-level augmentation on the device: mixup and multi-scale resizing.
+"""Batch-level augmentation on the device: mixup and multi-scale resizing (downscaling only).
 
 Both work on a whole padded batch (``collate_detection``'s dict, images already normalised to
 float) with tensor ops only, no loop over images. Their random draws come from a NumPy generator
@@ -54,11 +54,32 @@ def mixup_batch(batch: dict[str, Tensor], partner: Tensor, lam: Tensor) -> dict[
     return out
 
 
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """An input size as (H, W): an int is a square; anything else must be two positive ints."""
+    pair = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"an input size is an int or (H, W) of positive ints, got {size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def largest_size(sizes: Sequence[int | Sequence[int]]) -> tuple[int, int]:
+    """Per side, the largest of ``sizes`` (each an int or (H, W)): (max H, max W). Every size fits
+    inside it, so a batch of that size reaches any of them by shrinking alone; for sizes of several
+    aspect ratios it is none of them (e.g. (320, 480) and (480, 320) give (480, 480))."""
+    pairs = [as_size(s) for s in sizes]
+    if not pairs:
+        raise ValueError("no sizes to take the largest of")
+    return max(h for h, _ in pairs), max(w for _, w in pairs)
+
+
 def resize_batch(batch: dict[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
-    """Resize images (B, 3, H, W) to ``size`` = (H', W') and scale boxes (B, M, 4) with them.
+    """Resize images (B, 3, H, W) to ``size`` = (H', W') and scale boxes (B, M, 4) with them, and the
+    ``frames`` (B, 4) (scale_x, scale_y, pad_left, pad_top) where present, so they still say where
+    each file's image lies in the (now resized) input.
 
     Bilinear with ``align_corners=False``: pixel edges map as ``x' = x W'/W``, which is exactly how
-    the box coordinates (pixel-edge, continuous) scale; antialiased when shrinking.
+    the box coordinates (pixel-edge, continuous) scale; antialiased when shrinking. The same size
+    returns the batch itself, not resampled.
     """
     images = batch["images"]
     from_size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -69,6 +90,11 @@ def resize_batch(batch: dict[str, Tensor], size: tuple[int, int]) -> dict[str, T
     out["images"] = F.interpolate(images, size=size, mode="bilinear", align_corners=False,
                                   antialias=size[0] < from_size[0] or size[1] < from_size[1])
     out["boxes"] = scale_boxes(batch["boxes"], from_size, size)
+    if "frames" in batch:
+        # x' = x W'/W = x0 (scale_x W'/W) + pad_left W'/W: scales and paddings scale alike
+        rx, ry = size[1] / from_size[1], size[0] / from_size[0]
+        frames = batch["frames"]
+        out["frames"] = frames * torch.tensor([rx, ry, rx, ry], dtype=frames.dtype, device=frames.device)
     return out
 
 
@@ -120,7 +146,29 @@ class BatchMixup:
 
 class MultiScale:
     """Multi-scale training (YOLOv2, sec. "Multi-Scale Training"): every ``every_n_batches`` batches a
-    new input size is drawn from ``sizes`` and the batch is resized to it on the device, boxes with it.
+    new input size is drawn from ``sizes`` and the batch is shrunk to it on the device, boxes with it.
+
+    It only ever shrinks: the training loader delivers every batch at ``largest`` (the per-side
+    maximum of the sizes; ``DetectionDataModule(train_input_size=...)``, which configs/data/*.yaml
+    derive from ``multiscale.sizes``), a batch drawn at that size is used as delivered, and a smaller
+    draw is an antialiased downscale of it. Enlarging a batch the loader made smaller would give
+    a blurred image with no more detail than the small one, which defeats the point of training at
+    large sizes; a batch smaller than ``largest`` is therefore refused (ValueError on the first such
+    batch, not later when a large size happens to be drawn).
+
+    The cost is loader work at the largest size for every batch: decoding is the same (it happens at
+    the file's size), while the resize output, the augmentations after it, the collate and the
+    transfer grow with the largest area instead of the mean drawn one (608^2 is 1.65x the mean of
+    s^2 over YOLOv2's 320..608). Measured on BCCD (BENCHMARKS.md, "Multi-scale training"), a 608
+    image costs 1.3-1.6x the CPU time of the mean over 320..608, and 1.4-2.0x that of the 416 image
+    the loader made before (which was then enlarged). That is acceptable: it asks for more loader
+    workers, not another model or result (at the measured 150 images per core-second at 608, 16
+    workers make about 2400 img/s), and the network's step grows with the area as well; the shrink
+    itself is one interpolate of the batch on the device. A loader that makes each batch at its own
+    drawn size would save it, at the price of moving the draw into a batch sampler (sizes from
+    (seed, epoch, batch of the epoch), which a mid-epoch resume replays), one augmentation pipeline
+    per size in the dataset, and a module that no longer draws; until the loader is the bottleneck
+    the draw stays here, keyed by Lightning's batch counter, which exact resume restores.
 
     Args:
         sizes: input sizes, each an int (square) or (H, W); e.g. 320, 352, ..., 608.
@@ -134,15 +182,16 @@ class MultiScale:
         if every_n_batches < 1:
             raise ValueError(f"multiscale.every_n_batches must be >= 1, got {every_n_batches}")
         self.sizes = [self._pair(s) for s in sizes]
+        self.largest = largest_size(self.sizes)
         self.every_n_batches = int(every_n_batches)
         self.seed = int(seed)
 
     @staticmethod
     def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-        pair = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
-        if len(pair) != 2 or min(pair) < 1:
-            raise ValueError(f"a multiscale size is an int or (H, W) of positive ints, got {size!r}")
-        return pair  # type: ignore[return-value]
+        try:
+            return as_size(size)
+        except (TypeError, ValueError):
+            raise ValueError(f"a multiscale size is an int or (H, W) of positive ints, got {size!r}") from None
 
     def size_at(self, step: int) -> tuple[int, int]:
         """The (H, W) of batch number ``step``: the same for each block of ``every_n_batches`` batches."""
@@ -150,4 +199,12 @@ class MultiScale:
         return self.sizes[int(rng.integers(len(self.sizes)))]
 
     def __call__(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """``batch`` (images (B, 3, H, W), H >= largest H and W >= largest W) shrunk to batch ``step``'s size."""
+        height, width = (int(s) for s in batch["images"].shape[-2:])
+        if height < self.largest[0] or width < self.largest[1]:
+            raise ValueError(
+                f"multiscale: a training batch of {height}x{width} is smaller than the largest multiscale size "
+                f"{self.largest[0]}x{self.largest[1]}; it would be upsampled (blurred, no detail gained). The "
+                "training loader must deliver the largest size: DetectionDataModule(train_input_size=...), which "
+                "configs/data/*.yaml set from multiscale.sizes (data.train_input_size)")
         return resize_batch(batch, self.size_at(step))

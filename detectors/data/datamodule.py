@@ -23,7 +23,15 @@ class DetectionDataModule(L.LightningDataModule):
 
     Args:
         source: a dataset format object with ``classes``, ``records(split)``, ``load(record)``.
-        input_size: (H, W) the network sees.
+        input_size: (H, W) the network sees: evaluation loaders resize to it.
+        train_input_size: (H, W) the training loader resizes to; None: ``input_size``. Under multi-scale
+            training the largest of the sizes (per side; configs/data/*.yaml derive it with the
+            ``train_input_size`` resolver), which the module shrinks each batch from to its drawn
+            size: an image of a large drawn size then holds what the file shows at that size, not an
+            enlarged small one. Every batch then costs the loader the largest size's resize,
+            augmentation and transfer (decoding is unchanged): 1.3-1.6x the CPU time per image of
+            the mean drawn size over YOLOv2's 320..608 (BENCHMARKS.md, "Multi-scale training");
+            ``MultiScale`` says why this is preferred to a loader that knows each batch's size.
         augment: keyword arguments of ``build_transform`` for training (``preset`` = 'ssd', ...),
             plus ``eval_resize``: how evaluation resizes, 'stretch' (default: to ``input_size``,
             aspect ignored) or 'letterbox' (aspect kept, padded with the augment's ``fill``, for
@@ -46,6 +54,7 @@ class DetectionDataModule(L.LightningDataModule):
         splits: Mapping[str, str] | None = None,
         classes: Sequence[str] | None = None,
         input_size: Sequence[int] = (300, 300),
+        train_input_size: Sequence[int] | None = None,
         augment: Mapping | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -65,6 +74,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.root = root
         self.splits = dict(splits) if splits else None
         self.input_size = tuple(int(s) for s in input_size)
+        self.train_input_size = self.input_size if train_input_size is None else tuple(int(s) for s in train_input_size)
         self.augment = dict(augment or {"preset": "none"})
         # not a training option: it picks the evaluation transform (and the frame predictions map back from)
         self.eval_resize = self.augment.pop("eval_resize", "stretch")
@@ -88,7 +98,7 @@ class DetectionDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> DetectionDataset:
         if split not in self._datasets:
             if split == "train":
-                transform = build_transform(size=self.input_size, seed=self.seed, **self.augment)
+                transform = build_transform(size=self.train_input_size, seed=self.seed, **self.augment)
                 resize = "stretch"  # the random geometry has no frame; targets carry the plain one, unread
             else:
                 fill = {"fill": self.augment["fill"]} if "fill" in self.augment else {}
