@@ -38,6 +38,8 @@ PARTNERS = {
     ("neck", "ssdlite_extras"): ["model=ssdlite"],
     ("neck", "identity"): ["backbone=mobilenet_v2", "backbone.out_strides=[8,16,32]",
                            "head.priors.aspect_ratios=[[2],[2,3],[2,3]]"],
+    ("neck", "passthrough"): ["model=yolov2"],
+    ("head", "yolov2"): ["model=yolov2"],
     ("head", "yolov1"): ["model=yolov1", *SMALL_YOLOV1],
     ("model", "yolov1"): SMALL_YOLOV1,
 }

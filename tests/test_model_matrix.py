@@ -34,7 +34,9 @@ def build(model: str, backbone: str, *overrides: str):
     h, w = size_of(model)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=.", f"model={model}", f"backbone={backbone}",
-                                          f"input_size=[{h},{w}]", *OVERRIDES.get(model, []), *overrides])
+                                          f"input_size=[{h},{w}]",
+                                          # the step runs at the size given: no multi-scale draw (YOLOv2's default)
+                                          "multiscale.sizes=null", *OVERRIDES.get(model, []), *overrides])
     with open_dict(cfg):
         cfg.data.classes = [f"c{i}" for i in range(NUM_CLASSES)]
     return hydra.utils.instantiate(cfg.model)
