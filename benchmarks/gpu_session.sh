@@ -25,6 +25,7 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 step() {
   local name=$1 limit=$2 t0 rc l
   shift 2
+  if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return; fi
   l=$(left)
   if ((l < 25)); then echo "$name: skipped, ${l}s left" | tee -a "$SUMMARY"; return; fi
   ((limit > l - 5)) && limit=$((l - 5))
@@ -45,7 +46,7 @@ export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 python -c "import torch, torchvision, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__)" | tee -a "$LOGS/gpu.txt"
 
-PHASES=${PHASES:-1 2 3}  # a dry run may take some: PHASES=2
+PHASES=${PHASES:-1 2 3}  # a dry run (or a second call) may take some: PHASES=2; STEPS="nms inference" runs only those steps
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
 
 # ---- phase 1: GPU benchmarks, one at a time on the idle GPU (about 4 minutes) ----
@@ -57,6 +58,10 @@ step backbones 45 python benchmarks/backbones.py --warmup 2 --iters 8 --json "$L
 step loop_ssd300 35 python benchmarks/loop_throughput.py --warmup 5 --iters 20 --json "$LOGS/loop.json"
 step loop_ssdlite 35 python benchmarks/loop_throughput.py --size 320 --warmup 5 --iters 20 --json "$LOGS/loop_ssdlite.json" model=ssdlite
 step inference 30 python benchmarks/inference.py --warmup 3 --iters 8 --json "$LOGS/inference.json"
+step loop_ssdlite_nocallbacks 35 python benchmarks/loop_throughput.py --size 320 --warmup 5 --iters 20 \
+  --json "$LOGS/loop_ssdlite_nocallbacks.json" model=ssdlite callbacks=none
+step backbones_mobilenet_v2 30 python benchmarks/backbones.py --warmup 2 --iters 8 --backbones mobilenet_v2 \
+  --json "$LOGS/backbones_mobilenet_v2.json"
 step nms 40 python benchmarks/nms.py --warmup 1 --iters 3 --slow-s 3 --json "$LOGS/nms.json"
 fi
 

@@ -16,9 +16,11 @@ class Toy(L.LightningModule):
     """Loss turns NaN at step ``bad_step`` (every step if None), or with ``bad_grad`` one gradient does;
     records the weights before every step."""
 
-    def __init__(self, bad_step: int | None, bad_grad: bool = False, optimizer: str = "sgd"):
+    def __init__(self, bad_step: int | None, bad_grad: bool = False, optimizer: str = "sgd", conv: bool = False):
         super().__init__()
         self.layer = nn.Linear(2, 1)
+        # a channels-last conv weight (strides of another order) and a transposed view-like layout
+        self.conv = nn.Conv2d(1, 3, 3).to(memory_format=torch.channels_last) if conv else None
         self.bad_step = bad_step
         self.bad_grad = bad_grad
         self.optimizer = optimizer
@@ -31,6 +33,8 @@ class Toy(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.history.append(self.layer.weight.detach().clone())
         loss = self.layer(batch["x"]).pow(2).mean()
+        if self.conv is not None:
+            loss = loss + self.conv(batch["x"].view(1, 1, 2, 2).repeat(1, 1, 3, 3)).pow(2).mean()
         loss = loss * float("nan") if self._bad() and not self.bad_grad else loss
         self.log("train/loss", loss)
         self.losses.append(float(loss.detach()))
@@ -110,6 +114,26 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(caplog, 
     # momentum buffers, Adam moments and step counts included (and none made by a skipped first step)
     assert same(records[bad_step], records[bad_step + 1])
     assert all(not same(records[i], records[i + 1]) for i in range(4) if i != bad_step)  # the others update
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_deferred_good_steps_equal_unguarded_steps_bit_for_bit(optimizer):
+    """The snapshot and the select over flat buffers leave every finite update exactly as the optimizer
+    made it, channels-last weights included; a bad step in a model with such weights is reverted too."""
+    runs = []
+    for guard in (None, DivergenceGuard("skip", deferred=True)):
+        torch.manual_seed(0)
+        module, recorder = Toy(bad_step=-1, optimizer=optimizer, conv=True), StateRecorder()
+        fit(module, *([guard] if guard else []), recorder)
+        runs.append(recorder.records)
+    assert all(same(a, b) for a, b in zip(*runs)) and len(runs[0]) == 5
+
+    torch.manual_seed(0)
+    module, recorder = Toy(bad_step=2, bad_grad=True, optimizer=optimizer, conv=True), StateRecorder()
+    guard = DivergenceGuard("skip", deferred=True)
+    fit(module, guard, recorder)
+    assert guard.skipped == 1 and same(recorder.records[2], recorder.records[3])
+    assert module.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_checkpoint_written_right_after_a_skipped_step_holds_the_state_before_it(tmp_path):

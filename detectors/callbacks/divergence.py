@@ -36,6 +36,65 @@ class _Pending:
     reverted: bool = False  # the update was reverted on the device (the step post-hook ran)
 
 
+@dataclass
+class _FlatGroup:
+    """Tensors of one dtype and device that a step may change, with two flat buffers of their total size
+    and, for each tensor, a view into each buffer with the tensor's own shape and strides (a dense
+    tensor's elements fill ``numel`` consecutive places in any layout, channels-last included), so
+    ``_foreach_copy_`` moves them all in a few kernels and one ``torch.where`` selects over all of them."""
+
+    slots: list[tuple[dict | None, str | None, Tensor]]  # (state entry or None for a parameter, key, tensor)
+    targets: list[Tensor]
+    old_flat: Tensor
+    new_flat: Tensor
+    old_views: list[Tensor]
+    new_views: list[Tensor]
+
+    @staticmethod
+    def of(slots: list[tuple[dict | None, str | None, Tensor]]) -> "_FlatGroup":
+        targets = [t for _, _, t in slots]
+        first = targets[0]
+        total = sum(t.numel() for t in targets)
+        old_flat = torch.empty(total, dtype=first.dtype, device=first.device)
+        new_flat = torch.empty_like(old_flat)
+        old_views, new_views, offset = [], [], 0
+        for t in targets:
+            if not _is_dense(t):  # a view with gaps or overlaps: its own contiguous copy
+                old_views.append(old_flat[offset:offset + t.numel()].view(t.shape))
+                new_views.append(new_flat[offset:offset + t.numel()].view(t.shape))
+            else:
+                old_views.append(old_flat.as_strided(t.shape, t.stride(), offset))
+                new_views.append(new_flat.as_strided(t.shape, t.stride(), offset))
+            offset += t.numel()
+        return _FlatGroup(slots, targets, old_flat, new_flat, old_views, new_views)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements occupy exactly ``numel`` consecutive storage places (contiguous in some
+    dimension order): then a view with its strides fits in a flat buffer of that size."""
+    if t.numel() <= 1:
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class _Layout:
+    """The deferred mode's snapshot plan for one optimizer's stepped tensors (see ``_layout_for``)."""
+
+    signature: tuple
+    groups: list[_FlatGroup]
+    keys_before: list[tuple[Tensor, frozenset | None]]
+    host_state: list[Tensor]
+    host_saved: list[Tensor]
+    plain_keys: list[tuple[dict, str]]
+
+
 class DivergenceGuard(L.Callback):
     """Checks every training step for a non-finite loss or gradient before the optimizer steps.
 
@@ -62,8 +121,9 @@ class DivergenceGuard(L.Callback):
     every step. Nor can a step be made a no-op on the device by the gradients alone (zero
     gradients still move SGD momentum and AdamW's moments, weight decay and bias correction). So
     the step runs, on the device, inside a snapshot: before the update the stepped parameters and
-    their optimizer state tensors are copied into kept buffers (one ``_foreach_copy_``), and after
-    it (a step post-hook) each is set to ``torch.where(finite, new, old)``. A bad step thus leaves
+    their optimizer state tensors are copied into one flat buffer per dtype (``_foreach_copy_`` into
+    views of it), and after it (a step post-hook) they are gathered into a second flat buffer, which
+    becomes ``torch.where(finite, new, old)`` and is copied back. A bad step thus leaves
     weights and device state bit-for-bit unchanged before the next forward, with no host read. The
     flag itself goes to pinned memory (non-blocking) behind a CUDA event, and the host reads it one
     step late (next step's ``on_before_optimizer_step``, when the GPU has long passed it; also at
@@ -71,11 +131,14 @@ class DivergenceGuard(L.Callback):
     warning is logged (or the error raised, before the next update), and what lives on the host is
     put back: AdamW's CPU step counts, non-tensor state, and state entries the step created
     (e.g. the first step's momentum buffer), all before the next update reads them. What 'skip'
-    means is the same as in the immediate mode; the price is memory for a copy of the parameters
-    and optimizer state (as much again as the parameters for SGD with momentum, twice for AdamW),
-    about five passes over them per step (copy, select: some 1 GB of memory traffic for SSD300
-    with SGD, well under a millisecond on an H200; an estimate, not measured yet) and one small
-    kernel per tensor. With 'stop' the run ends at the next step (or epoch end) with the bad
+    means is the same as in the immediate mode; the price is memory for two copies of the parameters
+    and optimizer state (SGD with momentum: four times the parameters; AdamW: six), about seven passes
+    over them per step (some 1.4 GB of memory traffic for SSD300 with SGD, under a millisecond on an
+    H200) and a few kernels per ``_foreach_copy_``, whatever the number of tensors. The host's work
+    per step is one pass over the tensors' ids (the snapshot plan is kept while they stay the same
+    objects): on the GPU the first version's per-tensor ``torch.where`` and plan cost SSDLite's
+    launch-bound step 33 ms of host time (``trainer.fit`` at 0.57x the isolated step on an H200;
+    BENCHMARKS.md). With 'stop' the run ends at the next step (or epoch end) with the bad
     step's numbers, its update reverted. Sync-free designs that keep less were rejected: zeroing
     the gradients on the device still moves momentum, Adam's moments and weight decay; the fused
     optimizers' ``found_inf`` skip serves only ``fused=True`` optimizers; GradScaler's own skip
@@ -92,10 +155,7 @@ class DivergenceGuard(L.Callback):
         self._image_ids: Tensor | None = None
         self._pending: _Pending | None = None
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
-        # (layout of the snapshotted tensors, their copies), kept across steps
-        self._buffers: tuple[tuple, list[Tensor]] = ((), [])
-        self._host_buffers: tuple[tuple, list[Tensor]] = ((), [])
-        self._slots: list[tuple[dict | None, str | None, Tensor, Tensor]] = []  # what the post-hook reverts
+        self._layout: _Layout | None = None  # what a step may change and its snapshot, kept across steps
         self._host_flag: Tensor | None = None  # pinned, the deferred flag's way to the host
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -185,26 +245,13 @@ class DivergenceGuard(L.Callback):
     def _defer(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
         device = finite.device
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # (state entry or None for the parameter itself, key, tensor) of everything the step may change
-        slots: list[tuple[dict | None, str | None, Tensor]] = [(None, None, p) for p in params]
-        host_state, plain_state, keys_before = [], [], []
-        for p in params:
-            entry = optimizer.state.get(p)
-            keys_before.append((p, frozenset(entry) if entry else None))
-            for key, value in (entry or {}).items():
-                if not isinstance(value, Tensor):
-                    plain_state.append((entry, key, value))
-                elif value.device == device:
-                    slots.append((entry, key, value))
-                else:
-                    host_state.append(value)
-        targets = [t for _, _, t in slots]
+        layout = self._layout_for(optimizer, params, device)
         with torch.no_grad():
-            buffers = self._cached("_buffers", targets)
-            torch._foreach_copy_(buffers, targets)
-            host_saved = self._cached("_host_buffers", host_state)
-            if host_state:
-                torch._foreach_copy_(host_saved, host_state)
+            for group in layout.groups:
+                torch._foreach_copy_(group.old_views, group.targets)
+            if layout.host_state:
+                torch._foreach_copy_(layout.host_saved, layout.host_state)
+        plain_state = [(entry, key, entry[key]) for entry, key in layout.plain_keys]
         if device.type == "cuda":
             if self._host_flag is None:
                 self._host_flag = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -216,39 +263,64 @@ class DivergenceGuard(L.Callback):
         else:
             host_finite, ready = finite, None
         self._pending = _Pending(finite, host_finite, ready, trainer.current_epoch, trainer.global_step,
-                                 self._image_ids, optimizer, keys_before, host_state, host_saved, plain_state)
-        self._slots = [(entry, key, t, old) for (entry, key, t), old in zip(slots, buffers)]
+                                 self._image_ids, optimizer, layout.keys_before, layout.host_state,
+                                 layout.host_saved, plain_state)
         if id(optimizer) not in self._hooks:
             self._hooks[id(optimizer)] = optimizer.register_step_post_hook(self._after_step)
 
-    def _cached(self, name: str, tensors: list[Tensor]) -> list[Tensor]:
-        """Copies shaped like ``tensors``, kept across steps (allocated again only when the shapes change)."""
-        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-        cache = getattr(self, name)
-        if cache[0] != key:
-            cache = (key, [torch.empty_like(t) for t in tensors])
-            setattr(self, name, cache)
-        return cache[1]
+    def _layout_for(self, optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device) -> _Layout:
+        """What the step may change, and the flat buffers that snapshot it: made again only when the
+        stepped parameters or their state tensors are other objects than last step's (the first steps,
+        which create the optimizer's state; a parameter without a gradient). The check is one pass
+        over object ids; the rest (grouping, buffers, views) is the slow path."""
+        state = optimizer.state
+        signature = (id(optimizer), tuple(id(p) for p in params),
+                     tuple(id(v) for p in params for v in state.get(p, {}).values()))
+        if self._layout is not None and self._layout.signature == signature:
+            return self._layout
+        slots: list[tuple[dict | None, str | None, Tensor]] = [(None, None, p) for p in params]
+        host_state, plain_keys, keys_before = [], [], []
+        for p in params:
+            entry = state.get(p)
+            keys_before.append((p, frozenset(entry) if entry else None))
+            for key, value in (entry or {}).items():
+                if not isinstance(value, Tensor):
+                    plain_keys.append((entry, key))
+                elif value.device == device:
+                    slots.append((entry, key, value))
+                else:
+                    host_state.append(value)
+        by_kind: dict[tuple, list[tuple[dict | None, str | None, Tensor]]] = {}
+        for slot in slots:
+            by_kind.setdefault((slot[2].dtype, slot[2].device), []).append(slot)
+        self._layout = _Layout(signature, [_FlatGroup.of(kind_slots) for kind_slots in by_kind.values()],
+                               keys_before, host_state, [torch.empty_like(t) for t in host_state], plain_keys)
+        return self._layout
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Step post-hook: keep the update where the step was finite, else the snapshot, on the device."""
-        pending = self._pending
-        if pending is None or pending.optimizer is not optimizer or pending.reverted:
+        """Step post-hook: keep the update where the step was finite, else the snapshot, on the device:
+        per kind of tensor, gather the updated tensors into one flat buffer, select, scatter back (a few
+        kernels, whatever the number of tensors)."""
+        pending, layout = self._pending, self._layout
+        if pending is None or pending.optimizer is not optimizer or pending.reverted or layout is None:
             return
         finite = pending.finite
         with torch.no_grad():
-            for entry, key, target, old in self._slots:
-                current = target if entry is None else entry.get(key)
-                if current is target:
-                    torch.where(finite, target, old, out=target)
-                elif isinstance(current, Tensor):  # the optimizer put a new tensor in its state
-                    entry[key] = torch.where(finite, current, old)
+            for group in layout.groups:
+                torch._foreach_copy_(group.new_views, group.targets)
+                torch.where(finite, group.new_flat, group.old_flat, out=group.new_flat)
+                torch._foreach_copy_(group.targets, group.new_views)
+                for (entry, key, target), old in zip(group.slots, group.old_views):
+                    if entry is None:
+                        continue
+                    current = entry.get(key)
+                    if current is not target and isinstance(current, Tensor):
+                        # the optimizer put a new tensor in its state: select into that one
+                        entry[key] = torch.where(finite, current, old)
         pending.reverted = True
-        self._slots = []
 
     def _release(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
-        self._buffers = self._host_buffers = ((), [])
-        self._slots = []
+        self._layout = None
