@@ -1,9 +1,50 @@
-"""Loss pieces shared by the heads."""
+"""Loss pieces shared by the heads.
+
+Element-wise losses have one form, ``(pred, target, weight) -> per-slot loss``: pred and target
+(..., K), weight broadcastable to (...) (a per-box mixup weight, a 0/1 mask, or 1), the loss summed
+over the last axis and multiplied by the weight. A head names one per term (``POINTWISE_LOSSES``), so
+a term's function is a config choice.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+PointwiseLoss = Callable[[Tensor, Tensor, Tensor | float], Tensor]
+
+
+def binary_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
+    """BCE on logits against targets in 0..1 (soft targets too): (..., K) -> (...). Its gradient with
+    respect to a logit is ``sigmoid(logit) - target``: darknet's delta on a logistic output, which its
+    yolo layer passes back without the logistic's slope."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1) * weight
+
+
+def half_squared_error(pred: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
+    """``(pred - target)^2 / 2`` summed: (..., K) -> (...); gradient ``pred - target`` (darknet's delta on a
+    linear output, e.g. t_w, t_h)."""
+    return 0.5 * (pred - target).pow(2).sum(-1) * weight
+
+
+def sigmoid_half_squared_error(logits: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
+    """``(sigmoid(logit) - target)^2 / 2`` summed: (..., K) -> (...); the squared error on a logistic
+    output as the papers write it (its gradient carries the logistic's slope)."""
+    return half_squared_error(logits.sigmoid(), target, weight)
+
+
+#: losses on logits of outputs in 0..1 (objectness, sigmoid offsets), by config name
+POINTWISE_LOSSES: dict[str, PointwiseLoss] = {"bce": binary_cross_entropy, "sse": sigmoid_half_squared_error}
+
+
+def pointwise_loss(name: str, key: str) -> PointwiseLoss:
+    """The loss ``name`` of ``POINTWISE_LOSSES``; an unknown name fails when the head is built, with ``key``."""
+    if name not in POINTWISE_LOSSES:
+        raise ValueError(f"{key} must be one of {sorted(POINTWISE_LOSSES)}, got {name!r}")
+    return POINTWISE_LOSSES[name]
 
 
 def hard_negative_mask(

@@ -18,11 +18,13 @@ BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest input (257 px)
 # models whose input size is constrained: YOLOv1's FC is built for one size (any, as long as it is the
-# one it runs at: small and non-square here too), YOLOv2's grid needs multiples of 32
-SIZES = {"yolov1": (224, 288), "yolov2": (288, 320)}
+# one it runs at: small and non-square here too), YOLOv2's and YOLOv3's grids need multiples of 32
+SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "yolov3": (288, 320)}
 # and what keeps them fast: YOLOv1's paper head (1024-channel convs, an FC of 4096) only slows the matrix;
-# its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through
-OVERRIDES = {"yolov1": ["head.channels=128", "head.fc_width=32", "head.score_threshold=0.0"]}
+# its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through.
+# YOLOv3's paper neck (512..1024 wide at three scales) is a third of its network: a narrow one tests the same.
+OVERRIDES = {"yolov1": ["head.channels=128", "head.fc_width=32", "head.score_threshold=0.0"],
+             "yolov3": ["neck.channels=64"]}
 NUM_CLASSES = 3
 
 
