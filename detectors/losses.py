@@ -36,3 +36,95 @@ def hard_negative_mask(
     rank = order.argsort(dim=1)
     return (rank < num_neg) & ~unavailable
 
+
+
+# ---- loss terms chosen by config (configs/loss/): each maps (pred, target[, ...]) to a per-element loss,
+# reduced by the head with its own weights (per-box mixup weights, positives, normalisation) ---------
+
+#: box-regression losses: on the coder's offsets (smooth_l1, l1, sse) or on decoded xyxy boxes (the IoU family)
+BOX_LOSSES = ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")
+IOU_LOSSES = ("iou", "giou", "diou", "ciou")
+#: classification losses: softmax over C + 1 (ce, softmax_focal) or independent sigmoids over C (bce, focal)
+CLASS_LOSSES = ("ce", "softmax_focal", "bce", "focal")
+SIGMOID_CLASS_LOSSES = ("bce", "focal")
+#: objectness losses (one sigmoid per prediction)
+OBJECTNESS_LOSSES = ("bce", "sse", "focal")
+
+
+def box_regression_loss(name: str, pred: Tensor, target: Tensor, beta: float = 1.0) -> Tensor:
+    """Per-box loss (...,) of ``pred`` against ``target`` (..., 4).
+
+    smooth_l1 / l1 / sse: summed over the 4 coordinates of the coder's offsets (smooth L1 with ``beta``,
+    as ``F.smooth_l1_loss``; sse is half the squared error, darknet's delta as gradient). iou / giou /
+    diou / ciou: 1 - IoU and torchvision.ops' generalized, distance and complete IoU losses of xyxy boxes.
+    """
+    import torch.nn.functional as F
+    from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+    from detectors.boxes import paired_box_iou
+
+    if name == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(-1)
+    if name == "l1":
+        return (pred - target).abs().sum(-1)
+    if name == "sse":
+        return 0.5 * (pred - target).pow(2).sum(-1)
+    # the IoU family works on float32 boxes (torchvision's eps is for float32); a padded slot's boxes may be
+    # degenerate: torchvision's losses take care of zero areas with their eps
+    pred, target = pred.float(), target.float()
+    if name == "iou":
+        return 1.0 - paired_box_iou(pred, target)
+    if name == "giou":
+        return generalized_box_iou_loss(pred, target, reduction="none")
+    if name == "diou":
+        return distance_box_iou_loss(pred, target, reduction="none")
+    if name == "ciou":
+        return complete_box_iou_loss(pred, target, reduction="none")
+    raise ValueError(f"unknown box loss {name!r}; choose from {BOX_LOSSES}")
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 2.0) -> Tensor:
+    """Focal loss over a softmax (Lin et al. 2017, eq. 5 with the softmax's p_t), per row:
+    ``-(1 - p_t)^gamma log p_t``. logits (N, K), labels (N,) -> (N,). gamma 0 is cross-entropy."""
+    log_p = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    return -((1.0 - log_p.exp()).pow(gamma)) * log_p
+
+
+def sigmoid_class_loss(name: str, logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per-element loss of independent sigmoids: ``bce`` or ``focal`` (torchvision.ops.sigmoid_focal_loss,
+    RetinaNet's alpha and gamma; gamma 0 with alpha < 0 is BCE). logits and targets (..., K) in 0..1."""
+    import torch.nn.functional as F
+    from torchvision.ops import sigmoid_focal_loss
+
+    if name == "bce":
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    if name == "focal":
+        return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none")
+    raise ValueError(f"unknown sigmoid class loss {name!r}; choose from {SIGMOID_CLASS_LOSSES}")
+
+
+def objectness_loss(name: str, logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per-element objectness loss: ``bce``, ``focal`` (as ``sigmoid_class_loss``) or ``sse`` (half the
+    squared error of the sigmoid, darknet's)."""
+    if name == "sse":
+        return 0.5 * (logits.float().sigmoid() - targets.float()).pow(2)
+    if name in ("bce", "focal"):
+        return sigmoid_class_loss(name, logits, targets, alpha, gamma)
+    raise ValueError(f"unknown objectness loss {name!r}; choose from {OBJECTNESS_LOSSES}")
+
+
+def choose_losses(head: str, losses: dict | None, defaults: dict[str, str | None],
+                  allowed: dict[str, tuple[str, ...]]) -> dict[str, str | None]:
+    """The loss names a head uses: the config's ``loss.box``/``cls``/``obj`` where set (not null), the head's
+    defaults otherwise. One clear line, at build time, for a name the head cannot use."""
+    chosen = {}
+    for term, default in defaults.items():
+        name = (losses or {}).get(term) or default
+        if name is not None and name not in allowed[term]:
+            what = "has no objectness" if not allowed[term] else f"takes loss.{term} among {list(allowed[term])}"
+            raise ValueError(f"loss.{term}={name} does not fit the {head} head: it {what}")
+        chosen[term] = name
+    for term in ("box", "cls", "obj"):
+        if term not in defaults and (losses or {}).get(term):
+            raise ValueError(f"loss.{term}={losses[term]} does not fit the {head} head: it has no {term} term")
+    return chosen

@@ -4,8 +4,9 @@ region-layer assignment and loss, batched over the padded batch."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,18 @@ from torch import Tensor, nn
 
 from detectors.assign import cells_of_centres, gather_gt, owner_of_slots, shape_iou
 from detectors.boxes import GridCoder, batched_box_iou, clip_boxes, paired_box_iou
+from detectors.losses import (
+    BOX_LOSSES,
+    CLASS_LOSSES,
+    IOU_LOSSES,
+    OBJECTNESS_LOSSES,
+    SIGMOID_CLASS_LOSSES,
+    box_regression_loss,
+    choose_losses,
+    objectness_loss,
+    sigmoid_class_loss,
+    softmax_focal_loss,
+)
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -62,10 +75,14 @@ class YOLOv2Head(nn.Module):
             this gets no no-object loss (darknet's ``thresh``, 0.6).
         prior_warmup_images: for the first this many training images every non-responsible prediction
             also learns its anchor's box (offset 0.5, size the anchor's) at ``prior_scale`` (12800, 0.01).
-        objectness_loss: ``bce`` (default) or ``sse``, darknet's squared error on the sigmoid. BCE is the
-            default because SSE's gradient vanishes with the sigmoid's slope: from scratch, the objectness
-            of a fresh head sits where both terms push it to 0 and stays there (the overfit preset's
-            objectness stalled near 0 with SSE).
+        losses: the ``loss`` config. ``box``: sse (default: darknet's squared error on the sigmoid offsets
+            and t_w, t_h), smooth_l1, l1 (on the same), iou, giou, diou, ciou (on the decoded boxes); all
+            scaled by 2 - w h. ``cls``: ce (default: softmax, darknet's), softmax_focal, bce, focal (sigmoids
+            per class). ``obj``: bce (default), sse (darknet's squared error on the sigmoid), focal. BCE is
+            the default objectness because SSE's gradient vanishes with the sigmoid's slope: from scratch,
+            the objectness of a fresh head sits where both terms push it to 0 and stays there (the overfit
+            preset's objectness stalled near 0 with SSE). ``focal_alpha``, ``focal_gamma``,
+            ``smooth_l1_beta`` as in configs/loss/default.yaml.
         score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (darknet's mAP settings:
             0.005, 0.45; 100 per image; candidates per class and image before NMS).
         strides: the neck's nominal stride (set by ``Detector``; the grid comes from the map's shape).
@@ -88,7 +105,7 @@ class YOLOv2Head(nn.Module):
         ignore_threshold: float = 0.6,
         prior_warmup_images: int = 12800,
         prior_scale: float = 0.01,
-        objectness_loss: str = "bce",
+        losses: Mapping[str, Any] | None = None,
         score_threshold: float = 0.005,
         nms_threshold: float = 0.45,
         max_detections: int = 100,
@@ -100,8 +117,6 @@ class YOLOv2Head(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if len(in_channels) != 1:
             raise ValueError(f"the YOLOv2 head predicts on one map, the neck gives {len(in_channels)}")
-        if objectness_loss not in ("bce", "sse"):
-            raise ValueError(f"head.objectness_loss must be 'bce' or 'sse', got {objectness_loss!r}")
         anchors_t = torch.tensor(anchors, dtype=torch.float32)
         if anchors_t.ndim != 2 or anchors_t.shape[1] != 2 or (anchors_t <= 0).any():
             raise ValueError(f"head.anchors must be a list of positive [w, h] pairs, got {anchors}")
@@ -112,7 +127,13 @@ class YOLOv2Head(nn.Module):
         self.noobject_scale, self.class_scale = noobject_scale, class_scale
         self.ignore_threshold = ignore_threshold
         self.prior_warmup_images, self.prior_scale = prior_warmup_images, prior_scale
-        self.objectness_loss = objectness_loss
+        losses = dict(losses or {})
+        chosen = choose_losses("YOLOv2", losses, {"box": "sse", "cls": "ce", "obj": "bce"},
+                               {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
+        self.box_loss, self.cls_loss, self.obj_loss = chosen["box"], chosen["cls"], chosen["obj"]
+        self.smooth_l1_beta = float(losses.get("smooth_l1_beta", 1.0))
+        self.focal_alpha = float(losses.get("focal_alpha", 0.25))
+        self.focal_gamma = float(losses.get("focal_gamma", 2.0))
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         self.coder = GridCoder()
@@ -204,8 +225,13 @@ class YOLOv2Head(nn.Module):
             t = self.assign(pred_boxes.detach(), targets, image_size)
         with stage("loss"):
             batch = out.shape[0]
-            coord = (offsets - t.offsets).pow(2).sum(-1) + (log_wh - t.log_wh).pow(2).sum(-1)
-            loss_box = 0.5 * self.coord_scale * (t.weight * t.box_scale * coord).sum()
+            if self.box_loss in IOU_LOSSES:
+                per_box = box_regression_loss(self.box_loss, pred_boxes, t.boxes)
+            else:
+                per_box = box_regression_loss(self.box_loss, torch.cat([offsets, log_wh], -1),
+                                              torch.cat([t.offsets, t.log_wh], -1), self.smooth_l1_beta)
+            # torch.where, not a product: a slot without a ground truth has no meaningful target
+            loss_box = self.coord_scale * torch.where(t.positive, t.weight * t.box_scale * per_box, 0.0).sum()
             if self.training:
                 # the prior-matching term: non-responsible boxes towards their anchor, for the first images
                 early = (self.images_seen < self.prior_warmup_images).float()
@@ -216,16 +242,22 @@ class YOLOv2Head(nn.Module):
             loss_obj = self.object_scale * (t.weight * self._objectness(objectness, iou)).sum()
             noobj = ~t.positive & ~t.ignore
             loss_noobj = self.noobject_scale * (noobj * self._objectness(objectness, torch.zeros_like(iou))).sum()
-            ce = F.cross_entropy(class_logits.flatten(0, -2), t.labels.flatten(), reduction="none").view_as(t.weight)
-            loss_cls = self.class_scale * (t.weight * ce).sum()
+            loss_cls = self.class_scale * (t.weight * self._classification(class_logits, t.labels)).sum()
             terms = {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
                      "loss_cls": loss_cls / batch}
             return {"loss": sum(terms.values()), **terms, "num_positives": t.positive.sum().float()}
 
     def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.objectness_loss == "bce":
-            return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return 0.5 * (logits.sigmoid() - target).pow(2)
+        return objectness_loss(self.obj_loss, logits, target, self.focal_alpha, self.focal_gamma)
+
+    def _classification(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-slot class loss (B, h, w, A) of logits (B, h, w, A, C) against labels (B, h, w, A)."""
+        if self.cls_loss == "ce":
+            return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+        if self.cls_loss == "softmax_focal":
+            return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), self.focal_gamma).view_as(labels)
+        one_hot = F.one_hot(labels, self.num_classes)
+        return sigmoid_class_loss(self.cls_loss, logits, one_hot, self.focal_alpha, self.focal_gamma).sum(-1)
 
     @torch.no_grad()
     def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -236,7 +268,8 @@ class YOLOv2Head(nn.Module):
         """
         out = raw.output.float()
         batch = out.shape[0]
-        scores = out[..., 4:5].sigmoid() * out[..., 5:].softmax(-1)  # (B, h, w, A, C)
+        classes = out[..., 5:].sigmoid() if self.cls_loss in SIGMOID_CLASS_LOSSES else out[..., 5:].softmax(-1)
+        scores = out[..., 4:5].sigmoid() * classes  # (B, h, w, A, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
         return multiclass_nms(boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes),
                               self.score_threshold, self.nms_threshold, self.pre_nms_top_k, self.max_detections)
