@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -113,18 +117,34 @@ def objectness_loss(name: str, logits: Tensor, targets: Tensor, alpha: float = 0
     raise ValueError(f"unknown objectness loss {name!r}; choose from {OBJECTNESS_LOSSES}")
 
 
-def choose_losses(head: str, losses: dict | None, defaults: dict[str, str | None],
-                  allowed: dict[str, tuple[str, ...]]) -> dict[str, str | None]:
-    """The loss names a head uses: the config's ``loss.box``/``cls``/``obj`` where set (not null), the head's
-    defaults otherwise. One clear line, at build time, for a name the head cannot use."""
+@dataclass(frozen=True)
+class LossChoice:
+    """The loss terms a head uses (None: the head has no such term) and their parameters."""
+
+    box: str | None
+    cls: str | None
+    obj: str | None = None
+    smooth_l1_beta: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+def choose_losses(head: str, losses: Mapping[str, Any] | None, defaults: dict[str, str | None],
+                  allowed: dict[str, tuple[str, ...]]) -> LossChoice:
+    """The loss terms a head uses: the config's ``loss.box``/``cls``/``obj`` where set (not null), the head's
+    defaults otherwise, and the parameters (``smooth_l1_beta``, ``focal_alpha``, ``focal_gamma``). One clear
+    line, at build time, for a name the head cannot use or a term it does not have."""
+    losses = dict(losses or {})
     chosen = {}
     for term, default in defaults.items():
-        name = (losses or {}).get(term) or default
+        name = losses.get(term) or default
         if name is not None and name not in allowed[term]:
             what = "has no objectness" if not allowed[term] else f"takes loss.{term} among {list(allowed[term])}"
             raise ValueError(f"loss.{term}={name} does not fit the {head} head: it {what}")
         chosen[term] = name
     for term in ("box", "cls", "obj"):
-        if term not in defaults and (losses or {}).get(term):
+        if term not in defaults and losses.get(term):
             raise ValueError(f"loss.{term}={losses[term]} does not fit the {head} head: it has no {term} term")
-    return chosen
+    return LossChoice(**chosen, smooth_l1_beta=float(losses.get("smooth_l1_beta", 1.0)),
+                      focal_alpha=float(losses.get("focal_alpha", 0.25)),
+                      focal_gamma=float(losses.get("focal_gamma", 2.0)))

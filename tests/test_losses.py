@@ -68,8 +68,9 @@ def test_objectness_sse_is_darknets_half_squared_error():
 
 def test_a_loss_a_head_cannot_take_is_refused_in_one_line():
     allowed = {"box": ("smooth_l1", "giou"), "cls": ("ce",), "obj": ()}
-    assert choose_losses("SSD", {"box": "giou", "cls": None}, {"box": "smooth_l1", "cls": "ce"}, allowed) == \
-        {"box": "giou", "cls": "ce"}
+    chosen = choose_losses("SSD", {"box": "giou", "cls": None, "focal_gamma": 1.5}, {"box": "smooth_l1", "cls": "ce"},
+                           allowed)
+    assert (chosen.box, chosen.cls, chosen.obj, chosen.focal_gamma) == ("giou", "ce", None, 1.5)
     with pytest.raises(ValueError, match=r"loss.box=l2 does not fit the SSD head: it takes loss.box among"):
         choose_losses("SSD", {"box": "l2"}, {"box": "smooth_l1", "cls": "ce"}, allowed)
     with pytest.raises(ValueError, match=r"loss.obj=bce does not fit the SSD head: it has no obj term"):

@@ -108,7 +108,7 @@ def reference_region_loss(head: YOLOv2Head, out: torch.Tensor, targets: dict, im
         return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
 
     def objectness_loss(logit, target):
-        if head.obj_loss == "bce":
+        if head.losses.obj == "bce":
             return F.binary_cross_entropy_with_logits(logit, torch.tensor(target, dtype=torch.float64)).item()
         return 0.5 * (torch.sigmoid(logit).item() - target) ** 2
 

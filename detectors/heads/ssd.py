@@ -100,22 +100,17 @@ class SSDHead(nn.Module):
             raise ValueError(f"SSDHead has {len(in_channels)} input levels but the priors define {len(per_cell)}")
         if predictor not in ("conv", "depthwise"):
             raise ValueError(f"head.predictor must be 'conv' or 'depthwise', got {predictor!r}")
-        losses = dict(losses or {})
-        chosen = choose_losses("SSD", losses, {"box": "smooth_l1", "cls": "ce"},
-                               {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": ()})
-        self.box_loss, self.cls_loss = chosen["box"], chosen["cls"]
-        self.smooth_l1_beta = float(losses.get("smooth_l1_beta", 1.0))
-        self.focal_alpha = float(losses.get("focal_alpha", 0.25))
-        self.focal_gamma = float(losses.get("focal_gamma", 2.0))
+        self.losses = choose_losses("SSD", losses, {"box": "smooth_l1", "cls": "ce"},
+                                    {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": ()})
         make = predictor_conv if predictor == "conv" else depthwise_predictor
         self.cls_convs = nn.ModuleList(make(c, p * (num_classes + 1)) for c, p in zip(in_channels, per_cell))
         self.box_convs = nn.ModuleList(make(c, p * 4) for c, p in zip(in_channels, per_cell))
-        if self.cls_loss != "ce":
+        if self.losses.cls != "ce":
             # RetinaNet's prior: every class starts at probability 0.01 (sigmoid), or the background at 0.99
             # (softmax), so the many background priors do not swamp the first steps of a loss over all priors
             for conv in self.cls_convs:
                 bias = (conv if isinstance(conv, nn.Conv2d) else conv[-1]).bias.data.view(-1, num_classes + 1)
-                if self.cls_loss in SIGMOID_CLASS_LOSSES:
+                if self.losses.cls in SIGMOID_CLASS_LOSSES:
                     bias.fill_(-math.log((1 - 0.01) / 0.01))
                 else:
                     bias[:, 0] = math.log(0.99 / 0.01 * num_classes)
@@ -162,27 +157,28 @@ class SSDHead(nn.Module):
         pos_weight (B, A) per-box weight on positives, 0 elsewhere."""
         logits = raw.cls_logits.float()
         num_pos = positive.sum().clamp(min=1).float()
-        if self.cls_loss == "ce":
+        if self.losses.cls == "ce":
             ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
             negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
             loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
         else:
             # every prior that is not ignored: positives weighted by their box's weight, the rest by 1
             weight = torch.where(positive, pos_weight, (~ignore).float())
-            if self.cls_loss == "softmax_focal":
-                per_prior = softmax_focal_loss(logits.flatten(0, 1), labels.flatten(), self.focal_gamma).view_as(labels)
+            if self.losses.cls == "softmax_focal":
+                per_prior = softmax_focal_loss(logits.flatten(0, 1), labels.flatten(),
+                                               self.losses.focal_gamma).view_as(labels)
             else:
                 one_hot = F.one_hot(labels, self.num_classes + 1)[..., 1:]  # background: all zeros
-                per_prior = sigmoid_class_loss(self.cls_loss, logits[..., 1:], one_hot, self.focal_alpha,
-                                               self.focal_gamma).sum(-1)
+                per_prior = sigmoid_class_loss(self.losses.cls, logits[..., 1:], one_hot, self.losses.focal_alpha,
+                                               self.losses.focal_gamma).sum(-1)
             loss_cls = (per_prior * weight).sum() / num_pos
 
         offsets = raw.box_offsets.float()
-        if self.box_loss in IOU_LOSSES:
-            per_box = box_regression_loss(self.box_loss, self.coder.decode(offsets, priors), matched_boxes)
+        if self.losses.box in IOU_LOSSES:
+            per_box = box_regression_loss(self.losses.box, self.coder.decode(offsets, priors), matched_boxes)
         else:
-            per_box = box_regression_loss(self.box_loss, offsets, self.coder.encode(matched_boxes, priors),
-                                          self.smooth_l1_beta)
+            per_box = box_regression_loss(self.losses.box, offsets, self.coder.encode(matched_boxes, priors),
+                                          self.losses.smooth_l1_beta)
         # torch.where, not a product: an unmatched prior's target can be far off (its IoU loss is finite,
         # but 0 x inf would not be)
         loss_box = torch.where(positive, per_box * pos_weight, 0.0).sum() / num_pos
@@ -198,7 +194,7 @@ class SSDHead(nn.Module):
         priors = self.make_priors(raw, image_size)
         logits = raw.cls_logits.float()
         # (B, A, C): the softmax's foreground columns, or each class's own sigmoid (bce, focal)
-        scores = logits[..., 1:].sigmoid() if self.cls_loss in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
+        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
         boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)

@@ -127,13 +127,8 @@ class YOLOv2Head(nn.Module):
         self.noobject_scale, self.class_scale = noobject_scale, class_scale
         self.ignore_threshold = ignore_threshold
         self.prior_warmup_images, self.prior_scale = prior_warmup_images, prior_scale
-        losses = dict(losses or {})
-        chosen = choose_losses("YOLOv2", losses, {"box": "sse", "cls": "ce", "obj": "bce"},
-                               {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
-        self.box_loss, self.cls_loss, self.obj_loss = chosen["box"], chosen["cls"], chosen["obj"]
-        self.smooth_l1_beta = float(losses.get("smooth_l1_beta", 1.0))
-        self.focal_alpha = float(losses.get("focal_alpha", 0.25))
-        self.focal_gamma = float(losses.get("focal_gamma", 2.0))
+        self.losses = choose_losses("YOLOv2", losses, {"box": "sse", "cls": "ce", "obj": "bce"},
+                                    {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         self.coder = GridCoder()
@@ -225,11 +220,11 @@ class YOLOv2Head(nn.Module):
             t = self.assign(pred_boxes.detach(), targets, image_size)
         with stage("loss"):
             batch = out.shape[0]
-            if self.box_loss in IOU_LOSSES:
-                per_box = box_regression_loss(self.box_loss, pred_boxes, t.boxes)
+            if self.losses.box in IOU_LOSSES:
+                per_box = box_regression_loss(self.losses.box, pred_boxes, t.boxes)
             else:
-                per_box = box_regression_loss(self.box_loss, torch.cat([offsets, log_wh], -1),
-                                              torch.cat([t.offsets, t.log_wh], -1), self.smooth_l1_beta)
+                per_box = box_regression_loss(self.losses.box, torch.cat([offsets, log_wh], -1),
+                                              torch.cat([t.offsets, t.log_wh], -1), self.losses.smooth_l1_beta)
             # torch.where, not a product: a slot without a ground truth has no meaningful target
             loss_box = self.coord_scale * torch.where(t.positive, t.weight * t.box_scale * per_box, 0.0).sum()
             if self.training:
@@ -248,16 +243,16 @@ class YOLOv2Head(nn.Module):
             return {"loss": sum(terms.values()), **terms, "num_positives": t.positive.sum().float()}
 
     def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
-        return objectness_loss(self.obj_loss, logits, target, self.focal_alpha, self.focal_gamma)
+        return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
 
     def _classification(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-slot class loss (B, h, w, A) of logits (B, h, w, A, C) against labels (B, h, w, A)."""
-        if self.cls_loss == "ce":
+        if self.losses.cls == "ce":
             return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
-        if self.cls_loss == "softmax_focal":
-            return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), self.focal_gamma).view_as(labels)
+        if self.losses.cls == "softmax_focal":
+            return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), self.losses.focal_gamma).view_as(labels)
         one_hot = F.one_hot(labels, self.num_classes)
-        return sigmoid_class_loss(self.cls_loss, logits, one_hot, self.focal_alpha, self.focal_gamma).sum(-1)
+        return sigmoid_class_loss(self.losses.cls, logits, one_hot, self.losses.focal_alpha, self.losses.focal_gamma).sum(-1)
 
     @torch.no_grad()
     def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -268,7 +263,7 @@ class YOLOv2Head(nn.Module):
         """
         out = raw.output.float()
         batch = out.shape[0]
-        classes = out[..., 5:].sigmoid() if self.cls_loss in SIGMOID_CLASS_LOSSES else out[..., 5:].softmax(-1)
+        classes = out[..., 5:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else out[..., 5:].softmax(-1)
         scores = out[..., 4:5].sigmoid() * classes  # (B, h, w, A, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
         return multiclass_nms(boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes),
