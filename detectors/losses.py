@@ -73,9 +73,12 @@ def box_regression_loss(name: str, pred: Tensor, target: Tensor, beta: float = 1
         return (pred - target).abs().sum(-1)
     if name == "sse":
         return 0.5 * (pred - target).pow(2).sum(-1)
-    # the IoU family works on float32 boxes (torchvision's eps is for float32); a padded slot's boxes may be
-    # degenerate: torchvision's losses take care of zero areas with their eps
+    # the IoU family works on float32 boxes (torchvision's eps is for float32). A slot without a ground truth
+    # has a degenerate target (padding's zeros): CIoU's atan(w / h) of it is NaN, and so would the gradient be
+    # even where the head masks the slot out (0 x NaN); such targets are replaced by the prediction itself
     pred, target = pred.float(), target.float()
+    degenerate = ((target[..., 2:] - target[..., :2]) <= 0).any(-1, keepdim=True)
+    target = torch.where(degenerate, pred.detach(), target)
     if name == "iou":
         return 1.0 - paired_box_iou(pred, target)
     if name == "giou":

@@ -101,3 +101,17 @@ def test_ssd_iou_loss_uses_the_decoded_boxes_of_the_positives():
     with torch.no_grad():
         scores = torch.sigmoid(head([torch.zeros(1, 8, 4, 4)]).cls_logits[..., 1:])
     assert torch.allclose(scores, torch.full_like(scores, 0.01), atol=1e-6) and math.isfinite(losses["loss"].item())
+
+
+def test_iou_losses_of_padding_targets_are_finite_with_finite_gradients():
+    """Slots without a ground truth read padding (all-zero boxes): their loss is masked by the heads, but a
+    NaN in it would still poison the gradient through the mask."""
+    g = torch.Generator().manual_seed(3)
+    pred = random_boxes(g, 6).requires_grad_(True)
+    target = torch.cat([random_boxes(g, 3), torch.zeros(3, 4)])
+    for name in ("iou", "giou", "diou", "ciou"):
+        loss = box_regression_loss(name, pred, target)
+        assert torch.isfinite(loss).all() and (loss[3:] < 1e-6).all(), name
+        (loss * torch.tensor([1.0, 1, 1, 0, 0, 0])).sum().backward()
+        assert torch.isfinite(pred.grad).all() and (pred.grad[3:] == 0).all(), name
+        pred.grad = None

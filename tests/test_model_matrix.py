@@ -115,6 +115,9 @@ def test_attention_is_one_config_line(backbone, attention):
 # every loss term a head takes, each once (the others at the head's defaults), on the cheapest model of each
 # head; loss.obj only where there is objectness
 LOSS_CASES = {
+    "yolov1": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
+               *(f"loss.cls={c}" for c in ("sse", "ce", "softmax_focal", "bce", "focal")),
+               *(f"loss.obj={o}" for o in ("sse", "bce", "focal"))],
     "ssdlite": [*(f"loss.box={b}" for b in ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")),
                 *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal"))],
     "yolov2": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
@@ -129,7 +132,9 @@ def test_every_loss_of_every_head_trains_a_step(model, loss):
     module = build(model, "mobilenet_v1", loss, "backbone.width_mult=0.25")
     module.train()
     size = size_of(model)
-    batch = module.on_after_batch_transfer(batch_with_an_empty_image(torch.Generator().manual_seed(3), size=size), 0)
+    batch = batch_with_an_empty_image(torch.Generator().manual_seed(3), size=size)
+    batch["boxes"] = batch["boxes"] * batch["mask"][..., None]  # padding is zeros, as collate_detection writes it
+    batch = module.on_after_batch_transfer(batch, 0)
     losses = module.detector.loss(module.detector(batch["images"], batch), batch, size)
     assert all(torch.isfinite(v).all() for v in losses.values()) and losses["loss"] > 0
     losses["loss"].backward()

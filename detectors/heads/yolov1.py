@@ -10,8 +10,9 @@ The grid is the head's last conv map, ``ceil(H / 64) x ceil(W / 64)`` on a strid
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,15 @@ from torch import Tensor, nn
 from detectors.assign import cells_of_centres, gather_gt, owner_of_slots
 from detectors.backbones.darknet import ConvBN
 from detectors.boxes import batched_box_iou, clip_boxes
+from detectors.losses import (
+    BOX_LOSSES,
+    IOU_LOSSES,
+    box_regression_loss,
+    choose_losses,
+    objectness_loss,
+    sigmoid_class_loss,
+    softmax_focal_loss,
+)
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -94,6 +104,12 @@ class YOLOv1Head(nn.Module):
         score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (class score =
             confidence x class probability; per-class NMS at 0.5 as darknet's yolo demo and
             validation; at most ``pre_nms_top_k`` candidates per class and image).
+        losses: the ``loss`` config. The paper's by default: ``box`` sse (the squared error of x, y,
+            sqrt(w), sqrt(h); also smooth_l1 and l1 on those, or iou, giou, diou, ciou on the decoded
+            boxes), ``cls`` sse (of the linear class probabilities; ce and softmax_focal read the class
+            outputs as softmax logits, bce and focal as sigmoid logits), ``obj`` sse (of the linear
+            confidence; bce and focal read it as a logit, against the same IoU target). Prediction reads
+            the outputs the way the chosen losses trained them.
     """
 
     def __init__(
@@ -114,6 +130,7 @@ class YOLOv1Head(nn.Module):
         nms_threshold: float = 0.5,
         max_detections: int = 100,
         pre_nms_top_k: int = 400,
+        losses: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -133,6 +150,9 @@ class YOLOv1Head(nn.Module):
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
         self.pre_nms_top_k = pre_nms_top_k
+        self.losses = choose_losses("YOLOv1", losses, {"box": "sse", "cls": "sse", "obj": "sse"},
+                                    {"box": BOX_LOSSES, "cls": ("sse", "ce", "softmax_focal", "bce", "focal"),
+                                     "obj": ("sse", "bce", "focal")})
         # Fig. 3: 3x3/1, 3x3/2 (14 -> 7 at 448 px), 3x3/1, 3x3/1; BN (not in the paper, which
         # fine-tunes a pretrained net) since the whole net trains from scratch here
         self.convs = nn.Sequential(ConvBN(in_channels[0], channels, 3), ConvBN(channels, channels, 3, stride=2),
@@ -191,30 +211,62 @@ class YOLOv1Head(nn.Module):
             labels = gather_gt(targets["labels"], a.owner).clamp(min=0)
         with stage("loss"):
             resp_weight = a.responsible * weight.unsqueeze(-1)  # (B, cells, nb)
-            coord_sse = (boxes - a.target.unsqueeze(2)).square().sum(-1)
-            loss_box = self.coord_scale * (coord_sse * resp_weight).sum() / batch
+            loss_box = self.coord_scale * (self._box_loss(raw, boxes, a, image_size) * resp_weight).sum() / batch
             # rescore: the responsible predictor's confidence learns the IoU of its own box (detached)
-            loss_obj = self.obj_scale * ((conf - a.iou).square() * resp_weight).sum() / batch
             noobj = ~a.responsible & ~a.ignore.unsqueeze(-1)
-            loss_noobj = self.noobj_scale * (conf.square() * noobj).sum() / batch
-            one_hot = nn.functional.one_hot(labels, self.num_classes).float()
-            loss_cls = self.cls_scale * ((probs - one_hot).square().sum(-1) * weight).sum() / batch
+            if self.losses.obj == "sse":  # the paper's: the linear confidence's squared error
+                obj_per, noobj_per = (conf - a.iou).square(), conf.square()
+            else:
+                obj_per = objectness_loss(self.losses.obj, conf, a.iou, self.losses.focal_alpha, self.losses.focal_gamma)
+                noobj_per = objectness_loss(self.losses.obj, conf, torch.zeros_like(conf), self.losses.focal_alpha,
+                                            self.losses.focal_gamma)
+            loss_obj = self.obj_scale * (obj_per * resp_weight).sum() / batch
+            loss_noobj = self.noobj_scale * (noobj_per * noobj).sum() / batch
+            loss_cls = self.cls_scale * (self._class_loss(probs, labels) * weight).sum() / batch
         return {"loss": loss_box + loss_obj + loss_noobj + loss_cls, "loss_box": loss_box, "loss_obj": loss_obj,
                 "loss_noobj": loss_noobj, "loss_cls": loss_cls}
+
+    def _box_loss(self, raw: YOLOv1Raw, boxes: Tensor, a: CellAssignment, image_size: tuple[int, int]) -> Tensor:
+        """(B, cells, nb) box loss of every predictor against its cell's ground truth."""
+        if self.losses.box == "sse":  # the paper's (eq. 3), no factor 1/2
+            return (boxes - a.target.unsqueeze(2)).square().sum(-1)
+        if self.losses.box in IOU_LOSSES:
+            pred = decode_boxes(raw.boxes.float(), image_size).flatten(1, 2)
+            target = decode_boxes(a.target.unsqueeze(2).unflatten(1, raw.output.shape[1:3]), image_size).flatten(1, 2)
+            return box_regression_loss(self.losses.box, pred, target.expand_as(pred))
+        return box_regression_loss(self.losses.box, boxes, a.target.unsqueeze(2).expand_as(boxes),
+                                   self.losses.smooth_l1_beta)
+
+    def _class_loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """(B, cells) class loss of each cell's C outputs against its label."""
+        name = self.losses.cls
+        if name == "sse":  # the paper's: the linear probabilities' squared error
+            return (outputs - nn.functional.one_hot(labels, self.num_classes).float()).square().sum(-1)
+        if name == "ce":
+            return nn.functional.cross_entropy(outputs.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        if name == "softmax_focal":
+            return softmax_focal_loss(outputs.flatten(0, 1), labels.flatten(), self.losses.focal_gamma).view_as(labels)
+        one_hot = nn.functional.one_hot(labels, self.num_classes)
+        return sigmoid_class_loss(name, outputs, one_hot, self.losses.focal_alpha, self.losses.focal_gamma).sum(-1)
 
     @torch.no_grad()
     def predict(self, raw: YOLOv1Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Class scores = confidence x class probability (eq. 1) for every predictor, above
         ``score_threshold``, per-class NMS, the best ``max_detections`` per image.
 
-        The outputs are linear: confidence and probabilities are clamped to [0, 1] first, so two
-        negative ones cannot make a positive score. Returns one dict per image: boxes (N, 4) xyxy
+        With the paper's losses the outputs are linear: confidence and probabilities are clamped to
+        [0, 1] first, so two negative ones cannot make a positive score; other losses' outputs go through
+        their sigmoid or softmax. Returns one dict per image: boxes (N, 4) xyxy
         pixels clipped to the image, scores (N,) descending, labels (N,) 0..C-1.
         """
         batch = raw.output.shape[0]
         boxes = clip_boxes(decode_boxes(raw.boxes.float(), image_size), image_size).reshape(batch, -1, 4)
-        conf = raw.confidence.float().clamp(0, 1)  # (B, S_h, S_w, nb)
-        probs = raw.class_probs.float().clamp(0, 1)  # (B, S_h, S_w, C)
+        conf, probs = raw.confidence.float(), raw.class_probs.float()  # (B, S_h, S_w, nb), (B, S_h, S_w, C)
+        conf = conf.clamp(0, 1) if self.losses.obj == "sse" else conf.sigmoid()
+        if self.losses.cls == "sse":
+            probs = probs.clamp(0, 1)
+        else:
+            probs = probs.softmax(-1) if self.losses.cls in ("ce", "softmax_focal") else probs.sigmoid()
         scores = (conf.unsqueeze(-1) * probs.unsqueeze(-2)).reshape(batch, -1, self.num_classes)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)
