@@ -1,50 +1,13 @@
-"""Loss pieces shared by the heads.
-
-Element-wise losses have one form, ``(pred, target, weight) -> per-slot loss``: pred and target
-(..., K), weight broadcastable to (...) (a per-box mixup weight, a 0/1 mask, or 1), the loss summed
-over the last axis and multiplied by the weight. A head names one per term (``POINTWISE_LOSSES``), so
-a term's function is a config choice.
-"""
+"""Loss pieces shared by the heads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-PointwiseLoss = Callable[[Tensor, Tensor, Tensor | float], Tensor]
-
-
-def binary_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
-    """BCE on logits against targets in 0..1 (soft targets too): (..., K) -> (...). Its gradient with
-    respect to a logit is ``sigmoid(logit) - target``: darknet's delta on a logistic output, which its
-    yolo layer passes back without the logistic's slope."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1) * weight
-
-
-def half_squared_error(pred: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
-    """``(pred - target)^2 / 2`` summed: (..., K) -> (...); gradient ``pred - target`` (darknet's delta on a
-    linear output, e.g. t_w, t_h)."""
-    return 0.5 * (pred - target).pow(2).sum(-1) * weight
-
-
-def sigmoid_half_squared_error(logits: Tensor, target: Tensor, weight: Tensor | float = 1.0) -> Tensor:
-    """``(sigmoid(logit) - target)^2 / 2`` summed: (..., K) -> (...); the squared error on a logistic
-    output as the papers write it (its gradient carries the logistic's slope)."""
-    return half_squared_error(logits.sigmoid(), target, weight)
-
-
-#: losses on logits of outputs in 0..1 (objectness, sigmoid offsets), by config name
-POINTWISE_LOSSES: dict[str, PointwiseLoss] = {"bce": binary_cross_entropy, "sse": sigmoid_half_squared_error}
-
-
-def pointwise_loss(name: str, key: str) -> PointwiseLoss:
-    """The loss ``name`` of ``POINTWISE_LOSSES``; an unknown name fails when the head is built, with ``key``."""
-    if name not in POINTWISE_LOSSES:
-        raise ValueError(f"{key} must be one of {sorted(POINTWISE_LOSSES)}, got {name!r}")
-    return POINTWISE_LOSSES[name]
 
 
 def hard_negative_mask(
@@ -77,3 +40,134 @@ def hard_negative_mask(
     rank = order.argsort(dim=1)
     return (rank < num_neg) & ~unavailable
 
+
+
+# ---- loss terms chosen by config (configs/loss/): each maps (pred, target[, ...]) to a per-element loss,
+# reduced by the head with its own weights (per-box mixup weights, positives, normalisation) ---------
+
+#: box-regression losses: on the coder's offsets (smooth_l1, l1, sse) or on decoded xyxy boxes (the IoU family)
+BOX_LOSSES = ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")
+IOU_LOSSES = ("iou", "giou", "diou", "ciou")
+#: classification losses: softmax over C + 1 (ce, softmax_focal) or independent sigmoids over C (bce, focal)
+CLASS_LOSSES = ("ce", "softmax_focal", "bce", "focal")
+SIGMOID_CLASS_LOSSES = ("bce", "focal")
+#: objectness losses (one sigmoid per prediction)
+OBJECTNESS_LOSSES = ("bce", "sse", "focal")
+
+
+def box_regression_loss(name: str, pred: Tensor, target: Tensor, beta: float = 1.0) -> Tensor:
+    """Per-box loss (...,) of ``pred`` against ``target`` (..., 4).
+
+    smooth_l1 / l1 / sse: summed over the 4 coordinates of the coder's offsets (smooth L1 with ``beta``,
+    as ``F.smooth_l1_loss``; sse is half the squared error, darknet's delta as gradient). iou / giou /
+    diou / ciou: 1 - IoU and torchvision.ops' generalized, distance and complete IoU losses of xyxy boxes.
+    """
+    import torch.nn.functional as F
+    from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+    from detectors.boxes import paired_box_iou
+
+    if name == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="none").sum(-1)
+    if name == "l1":
+        return (pred - target).abs().sum(-1)
+    if name == "sse":
+        return 0.5 * (pred - target).pow(2).sum(-1)
+    # the IoU family works on float32 boxes (torchvision's eps is for float32). A slot without a ground truth
+    # has a degenerate target (padding's zeros): CIoU's atan(w / h) of it is NaN, and so would the gradient be
+    # even where the head masks the slot out (0 x NaN); such targets are replaced by the prediction itself
+    pred, target = pred.float(), target.float()
+    degenerate = ((target[..., 2:] - target[..., :2]) <= 0).any(-1, keepdim=True)
+    target = torch.where(degenerate, pred.detach(), target)
+    if name == "iou":
+        return 1.0 - paired_box_iou(pred, target)
+    if name == "giou":
+        return generalized_box_iou_loss(pred, target, reduction="none")
+    if name == "diou":
+        return distance_box_iou_loss(pred, target, reduction="none")
+    if name == "ciou":
+        return complete_box_iou_loss(pred, target, reduction="none")
+    raise ValueError(f"unknown box loss {name!r}; choose from {BOX_LOSSES}")
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 2.0) -> Tensor:
+    """Focal loss over a softmax (Lin et al. 2017, eq. 5 with the softmax's p_t), per row:
+    ``-(1 - p_t)^gamma log p_t``. logits (N, K), labels (N,) -> (N,). gamma 0 is cross-entropy."""
+    log_p = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    return -((1.0 - log_p.exp()).pow(gamma)) * log_p
+
+
+def sigmoid_class_loss(name: str, logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per-element loss of independent sigmoids: ``bce`` or ``focal`` (torchvision.ops.sigmoid_focal_loss,
+    RetinaNet's alpha and gamma; gamma 0 with alpha < 0 is BCE). logits and targets (..., K) in 0..1."""
+    import torch.nn.functional as F
+    from torchvision.ops import sigmoid_focal_loss
+
+    if name == "bce":
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    if name == "focal":
+        return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none")
+    raise ValueError(f"unknown sigmoid class loss {name!r}; choose from {SIGMOID_CLASS_LOSSES}")
+
+
+def objectness_loss(name: str, logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per-element objectness loss: ``bce``, ``focal`` (as ``sigmoid_class_loss``) or ``sse`` (half the
+    squared error of the sigmoid, darknet's)."""
+    if name == "sse":
+        return 0.5 * (logits.float().sigmoid() - targets.float()).pow(2)
+    if name in ("bce", "focal"):
+        return sigmoid_class_loss(name, logits, targets, alpha, gamma)
+    raise ValueError(f"unknown objectness loss {name!r}; choose from {OBJECTNESS_LOSSES}")
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """The loss terms a head uses (None: the head has no such term) and their parameters."""
+
+    box: str | None
+    cls: str | None
+    obj: str | None = None
+    smooth_l1_beta: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+def choose_losses(head: str, losses: Mapping[str, Any] | None, defaults: dict[str, str | None],
+                  allowed: dict[str, tuple[str, ...]]) -> LossChoice:
+    """The loss terms a head uses: the config's ``loss.box``/``cls``/``obj`` where set (not null), the head's
+    defaults otherwise, and the parameters (``smooth_l1_beta``, ``focal_alpha``, ``focal_gamma``). One clear
+    line, at build time, for a name the head cannot use or a term it does not have."""
+    losses = dict(losses or {})
+    chosen = {}
+    for term, default in defaults.items():
+        name = losses.get(term) or default
+        if name is not None and name not in allowed[term]:
+            what = "has no objectness" if not allowed[term] else f"takes loss.{term} among {list(allowed[term])}"
+            raise ValueError(f"loss.{term}={name} does not fit the {head} head: it {what}")
+        chosen[term] = name
+    for term in ("box", "cls", "obj"):
+        if term not in defaults and losses.get(term):
+            raise ValueError(f"loss.{term}={losses[term]} does not fit the {head} head: it has no {term} term")
+    return LossChoice(**chosen, smooth_l1_beta=float(losses.get("smooth_l1_beta", 1.0)),
+                      focal_alpha=float(losses.get("focal_alpha", 0.25)),
+                      focal_gamma=float(losses.get("focal_gamma", 2.0)))
+
+
+def label_class_loss(losses: LossChoice, logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-slot class loss (...) of logits (..., C) against labels (...) in 0..C-1, for the heads that score C
+    foreground classes (YOLOv2, YOLOv3): ``ce`` and ``softmax_focal`` over a softmax of the C, ``bce`` and
+    ``focal`` over one sigmoid per class (summed over the C: YOLOv3's multi-label classifiers)."""
+    import torch.nn.functional as F
+
+    if losses.cls == "ce":
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+    if losses.cls == "softmax_focal":
+        return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), losses.focal_gamma).view_as(labels)
+    one_hot = F.one_hot(labels, logits.shape[-1])
+    return sigmoid_class_loss(losses.cls, logits, one_hot, losses.focal_alpha, losses.focal_gamma).sum(-1)
+
+
+def class_probabilities(losses: LossChoice, logits: Tensor) -> Tensor:
+    """(..., C) the class probabilities as ``label_class_loss`` trained the logits: one sigmoid per class
+    (bce, focal) or a softmax over the C."""
+    return logits.sigmoid() if losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)

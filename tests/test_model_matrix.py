@@ -22,9 +22,9 @@ SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest inpu
 SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "yolov3": (288, 320)}
 # and what keeps them fast: YOLOv1's paper head (1024-channel convs, an FC of 4096) only slows the matrix;
 # its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through.
-# YOLOv3's paper neck (512..1024 wide at three scales) is a third of its network: a narrow one tests the same.
+# YOLOv2's and YOLOv3's paper necks (up to 1024 wide) are a large share of their networks: narrow ones test the same.
 OVERRIDES = {"yolov1": ["head.channels=128", "head.fc_width=32", "head.score_threshold=0.0"],
-             "yolov3": ["neck.channels=64"]}
+             "yolov2": ["neck.channels=128"], "yolov3": ["neck.channels=64"]}
 NUM_CLASSES = 3
 
 
@@ -111,3 +111,48 @@ def test_attention_is_one_config_line(backbone, attention):
     batch = with_attention.on_after_batch_transfer(batch_with_an_empty_image(g), 0)
     with_attention.detector.loss(with_attention.detector(batch["images"]), batch, SIZE)["loss"].backward()
     assert all(p.grad is not None for n, p in with_attention.detector.named_parameters() if "attention" in n)
+
+
+# every loss term a head takes, each once (the others at the head's defaults), on the cheapest model of each
+# head; loss.obj only where there is objectness
+LOSS_CASES = {
+    "yolov1": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
+               *(f"loss.cls={c}" for c in ("sse", "ce", "softmax_focal", "bce", "focal")),
+               *(f"loss.obj={o}" for o in ("sse", "bce", "focal"))],
+    "ssdlite": [*(f"loss.box={b}" for b in ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")),
+                *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal"))],
+    "yolov2": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
+               *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal")),
+               *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
+    "yolov3": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
+               "loss.box=smooth_l1 head.xy_bce=false",
+               *(f"loss.cls={c}" for c in ("bce", "focal", "ce", "softmax_focal")),
+               *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
+}
+
+
+@pytest.mark.parametrize("model,loss", [(m, loss) for m, cases in LOSS_CASES.items() for loss in cases])
+def test_every_loss_of_every_head_trains_a_step(model, loss):
+    torch.manual_seed(0)
+    module = build(model, "mobilenet_v1", *loss.split(), "backbone.width_mult=0.25")  # a case may set two keys
+    module.train()
+    size = size_of(model)
+    batch = batch_with_an_empty_image(torch.Generator().manual_seed(3), size=size)
+    batch["boxes"] = batch["boxes"] * batch["mask"][..., None]  # padding is zeros, as collate_detection writes it
+    batch = module.on_after_batch_transfer(batch, 0)
+    losses = module.detector.loss(module.detector(batch["images"], batch), batch, size)
+    assert all(torch.isfinite(v).all() for v in losses.values()) and losses["loss"] > 0
+    losses["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.detector.parameters())
+    empty = {**batch, **{k: batch[k][:, :0] for k in ("boxes", "labels", "mask", "weights", "difficult")}}
+    assert torch.isfinite(module.detector.loss(module.detector(empty["images"], empty), empty, size)["loss"])
+    module.eval()
+    with torch.no_grad():
+        assert_predictions_keep_the_contract(module.detector.predict(module.detector(batch["images"]), size), 2, size)
+
+
+def test_a_loss_the_head_cannot_take_stops_the_build_in_one_line():
+    with pytest.raises(Exception, match="loss.obj=bce does not fit the SSD head"):
+        build("ssdlite", "mobilenet_v1", "loss.obj=bce")
+    with pytest.raises(Exception, match="loss.box=mse does not fit the YOLOv2 head"):
+        build("yolov2", "mobilenet_v1", "loss.box=mse")

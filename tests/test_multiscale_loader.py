@@ -208,3 +208,14 @@ def test_fast_dev_run_command_line(tmp_path):
                            "multiscale.every_n_batches=1", f"hydra.run.dir={tmp_path}", *SMALL[:4]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+
+def test_generated_shapes_are_drawn_at_the_largest_size():
+    """The built-in shapes are drawn at the training loader's size, so a 608 batch holds 608 px of detail,
+    not an enlarged 416 image; without multi-scale they stay at input_size."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=.", "model=yolov2", "input_size=[416,416]"])
+        plain = compose("train", overrides=["paths.output_dir=.", "model=ssd300"])
+    assert list(cfg.data.source.image_size) == [608, 608] and list(cfg.data.input_size) == [416, 416]
+    assert list(plain.data.source.image_size) == [300, 300]

@@ -65,7 +65,7 @@ def test_one_box_loss_worked_by_hand():
     assert losses["loss_cls"].item() == pytest.approx(math.log(2))
     assert losses["num_positives"].item() == 1
 
-    sse = make_head(prior_warmup_images=0, objectness_loss="sse").loss(raw, targets, (64, 64))
+    sse = make_head(prior_warmup_images=0, losses={"obj": "sse"}).loss(raw, targets, (64, 64))
     assert sse["loss_obj"].item() == pytest.approx(5 * 0.5 * (0.5 - 1 / 3) ** 2)
     assert sse["loss_noobj"].item() == pytest.approx(3 * 0.5 * 0.25)
 
@@ -108,7 +108,7 @@ def reference_region_loss(head: YOLOv2Head, out: torch.Tensor, targets: dict, im
         return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
 
     def objectness_loss(logit, target):
-        if head.objectness_loss == "bce":
+        if head.losses.obj == "bce":
             return F.binary_cross_entropy_with_logits(logit, torch.tensor(target, dtype=torch.float64)).item()
         return 0.5 * (torch.sigmoid(logit).item() - target) ** 2
 
@@ -194,7 +194,7 @@ def test_batched_region_loss_equals_the_per_image_loop(seed, objectness_loss):
     g = torch.Generator().manual_seed(seed)
     image_size, grid = (96, 128), (3, 4)
     anchors = ((20.0, 30.0), (50.0, 40.0), (90.0, 80.0))
-    head = YOLOv2Head([8], 3, anchors=anchors, input_size=(64, 96), objectness_loss=objectness_loss,
+    head = YOLOv2Head([8], 3, anchors=anchors, input_size=(64, 96), losses={"obj": objectness_loss},
                       ignore_threshold=0.3).train()  # anchors given at 64x96, scaled to 96x128
     targets = random_targets(g, 5, 6, image_size, grid, 3)
     out = torch.randn(5, *grid, 3, 8, generator=g)

@@ -124,7 +124,7 @@ def test_one_box_loss_worked_by_hand():
     assert losses["loss"].item() == pytest.approx(sum(losses[k].item() for k in ("loss_box", "loss_obj",
                                                                                   "loss_noobj", "loss_cls")))
 
-    sse = make_head(xy_loss="sse").loss(zero_raw(), targets, (64, 64))
+    sse = make_head(xy_bce=False).loss(zero_raw(), targets, (64, 64))
     assert sse["loss_box"].item() == pytest.approx(scale * 0.5 * (0.125 ** 2 + 0.25 ** 2 + math.log(0.5) ** 2))
 
     # at 0.05, the 8 x 8 boxes of level 0 at (row, col) (0, 1), (2, 1) (IoU 32 / 544), (1, 1) (64 / 512) and
@@ -145,7 +145,7 @@ def test_one_box_loss_worked_by_hand():
     assert t.positive[0].nonzero().flatten().tolist() == [1 * 4 + 1]
 
 
-def reference_yolo_loss(head: YOLOv3Head, xy_loss: str, levels: list, targets: dict, image_size) -> dict:
+def reference_yolo_loss(head: YOLOv3Head, levels: list, targets: dict, image_size) -> dict:
     """darknet's forward_yolo_layer as plain loops over images, boxes and slots (float64), every level at
     once: each truth's best anchor among all (a strictly better IoU replaces, so the first of equals
     wins), on its own level; objectness 1 at responsible slots, 0 where no truth overlaps by more than
@@ -160,7 +160,7 @@ def reference_yolo_loss(head: YOLOv3Head, xy_loss: str, levels: list, targets: d
         return F.binary_cross_entropy_with_logits(logit, torch.tensor(float(target), dtype=torch.float64)).item()
 
     def xy_term(logit, target):
-        if xy_loss == "bce":  # darknet's delta scale (t - sigmoid(x)) taken as the logit's gradient
+        if head.xy_bce:  # darknet's delta scale (t - sigmoid(x)) taken as the logit's gradient
             return bce(logit, target)
         return 0.5 * (torch.sigmoid(logit).item() - target) ** 2
 
@@ -215,13 +215,13 @@ def reference_yolo_loss(head: YOLOv3Head, xy_loss: str, levels: list, targets: d
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("xy_loss", ["bce", "sse"])
-def test_batched_yolo_loss_equals_the_per_image_loop(seed, xy_loss):
+@pytest.mark.parametrize("xy_bce", [True, False])
+def test_batched_yolo_loss_equals_the_per_image_loop(seed, xy_bce):
     g = torch.Generator().manual_seed(seed)
     image_size, shapes = (96, 128), [(6, 8), (3, 4), (2, 2)]
     # two anchors a level, given at 96 x 64 and scaled to 96 x 128, spread so boxes of 4..68 px reach every level
     anchors = ((6.0, 10.0), (10.0, 6.0), (14.0, 20.0), (20.0, 14.0), (30.0, 40.0), (40.0, 30.0))
-    head = YOLOv3Head([8, 8, 8], 3, anchors=anchors, input_size=(96, 64), xy_loss=xy_loss,
+    head = YOLOv3Head([8, 8, 8], 3, anchors=anchors, input_size=(96, 64), xy_bce=xy_bce,
                       ignore_threshold=0.3).train()
     # an image without objects, a centre on a cell border, a difficult object, mixup-like weights ...
     targets = random_targets(g, 5, 6, image_size, (3, 4), 3)
@@ -230,7 +230,7 @@ def test_batched_yolo_loss_equals_the_per_image_loop(seed, xy_loss):
         targets["labels"][4, 1] = (targets["labels"][4, 0] + 1) % 3
     levels = [torch.randn(5, h, w, 2, 8, generator=g) for h, w in shapes]
     raw = YOLOv3Raw(torch.cat([lv.reshape(5, -1, 8) for lv in levels], 1), tuple(shapes))
-    expected = reference_yolo_loss(head, xy_loss, levels, targets, image_size)
+    expected = reference_yolo_loss(head, levels, targets, image_size)
     losses = head.loss(raw, targets, image_size)
     for key, value in expected.items():
         assert losses[key].item() == pytest.approx(value, rel=1e-4, abs=1e-5), key

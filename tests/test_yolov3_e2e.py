@@ -7,7 +7,7 @@ import torch
 from test_train_e2e import TINY, read_metrics, run, run_dir
 
 # 256 px and the neck at a quarter of the paper's width (128: blocks of 32 / 64 / 128): small and short, and
-# reliable (2 min 7 s on one shared CPU thread, 2026-12-04; seed 1: val mAP@0.5 0.33 / 0.95 / 1.00 after
+# reliable (2-3 min on one shared CPU thread, 2026-12-04; seed 1: val mAP@0.5 0.33 / 0.95 / 1.00 after
 # 40 / 60 / 80 epochs; BENCHMARKS.md)
 SMALL = ["model=yolov3", "input_size=[256,256]", "multiscale.sizes=null", "neck.channels=128"]
 

@@ -151,6 +151,11 @@ class DetectionDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=shuffle and len(sampler) > batch_size,
             persistent_workers=self.num_workers > 0,
+            # the loader's own generator for the seed it draws when an iterator starts (every epoch
+            # without workers): from the global RNG, that draw would come after the epoch-start
+            # restore of a resumed run's RNG state in later epochs and before it in a process's first,
+            # so a model that draws from the global RNG in training (dropout) would resume with other draws
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

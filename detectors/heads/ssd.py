@@ -1,10 +1,13 @@
 """SSD head (Liu et al. 2016): per-level 3x3 conv predictors, bipartite + threshold matching,
-smooth L1 + softmax cross-entropy with hard negative mining, softmax + per-class NMS."""
+smooth L1 + softmax cross-entropy with hard negative mining, softmax + per-class NMS; the box and class
+losses can be swapped by config (``loss.box``, ``loss.cls``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,17 @@ from torch import Tensor, nn
 from detectors.anchors import SSDPriors
 from detectors.assign import gather_gt, match_priors
 from detectors.boxes import DeltaBoxCoder, clip_boxes
-from detectors.losses import hard_negative_mask
+from detectors.losses import (
+    BOX_LOSSES,
+    CLASS_LOSSES,
+    IOU_LOSSES,
+    SIGMOID_CLASS_LOSSES,
+    box_regression_loss,
+    choose_losses,
+    hard_negative_mask,
+    sigmoid_class_loss,
+    softmax_focal_loss,
+)
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -44,6 +57,12 @@ class SSDHead(nn.Module):
         predictor: 'conv' (SSD's 3x3 conv per level) or 'depthwise' (SSDLite: depthwise 3x3 + BN +
             ReLU6, then a 1x1 conv; torchvision's ``SSDLiteHead``).
         strides: the neck's nominal strides (set by ``Detector``; priors come from the maps' shapes).
+        losses: the ``loss`` config: ``box`` (default smooth_l1 on the offsets; l1, sse; iou, giou, diou,
+            ciou on the decoded boxes), ``cls`` (default ce: softmax cross-entropy with hard negative
+            mining, as the paper; softmax_focal, bce or focal over every prior, no mining: the focal
+            term does the down-weighting of easy negatives mining did; the sigmoid ones score classes
+            with sigmoids of the C foreground logits, the background logit unused), ``smooth_l1_beta``,
+            ``focal_alpha``, ``focal_gamma``. SSD has no objectness: ``loss.obj`` is refused.
     """
 
     def __init__(
@@ -61,6 +80,7 @@ class SSDHead(nn.Module):
         pre_nms_top_k: int = 400,
         predictor: str = "conv",
         strides: Sequence[int] = (),
+        losses: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -80,9 +100,20 @@ class SSDHead(nn.Module):
             raise ValueError(f"SSDHead has {len(in_channels)} input levels but the priors define {len(per_cell)}")
         if predictor not in ("conv", "depthwise"):
             raise ValueError(f"head.predictor must be 'conv' or 'depthwise', got {predictor!r}")
+        self.losses = choose_losses("SSD", losses, {"box": "smooth_l1", "cls": "ce"},
+                                    {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": ()})
         make = predictor_conv if predictor == "conv" else depthwise_predictor
         self.cls_convs = nn.ModuleList(make(c, p * (num_classes + 1)) for c, p in zip(in_channels, per_cell))
         self.box_convs = nn.ModuleList(make(c, p * 4) for c, p in zip(in_channels, per_cell))
+        if self.losses.cls != "ce":
+            # RetinaNet's prior: every class starts at probability 0.01 (sigmoid), or the background at 0.99
+            # (softmax), so the many background priors do not swamp the first steps of a loss over all priors
+            for conv in self.cls_convs:
+                bias = (conv if isinstance(conv, nn.Conv2d) else conv[-1]).bias.data.view(-1, num_classes + 1)
+                if self.losses.cls in SIGMOID_CLASS_LOSSES:
+                    bias.fill_(-math.log((1 - 0.01) / 0.01))
+                else:
+                    bias[:, 0] = math.log(0.99 / 0.01 * num_classes)
 
     def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> SSDRaw:
         """feats: [(B, C_k, h_k, w_k)] -> SSDRaw with A = sum_k h_k w_k P_k priors (one-stage: no use
@@ -125,14 +156,32 @@ class SSDHead(nn.Module):
         """labels (B, A) with 0 = background; matched_boxes (B, A, 4); positive/ignore (B, A) bool;
         pos_weight (B, A) per-box weight on positives, 0 elsewhere."""
         logits = raw.cls_logits.float()
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
-        negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
         num_pos = positive.sum().clamp(min=1).float()
-        loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
+        if self.losses.cls == "ce":
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
+            negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
+            loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
+        else:
+            # every prior that is not ignored: positives weighted by their box's weight, the rest by 1
+            weight = torch.where(positive, pos_weight, (~ignore).float())
+            if self.losses.cls == "softmax_focal":
+                per_prior = softmax_focal_loss(logits.flatten(0, 1), labels.flatten(),
+                                               self.losses.focal_gamma).view_as(labels)
+            else:
+                one_hot = F.one_hot(labels, self.num_classes + 1)[..., 1:]  # background: all zeros
+                per_prior = sigmoid_class_loss(self.losses.cls, logits[..., 1:], one_hot, self.losses.focal_alpha,
+                                               self.losses.focal_gamma).sum(-1)
+            loss_cls = (per_prior * weight).sum() / num_pos
 
-        encoded = self.coder.encode(matched_boxes, priors)
-        box_l1 = F.smooth_l1_loss(raw.box_offsets.float(), encoded, beta=1.0, reduction="none").sum(-1)
-        loss_box = (box_l1 * pos_weight).sum() / num_pos
+        offsets = raw.box_offsets.float()
+        if self.losses.box in IOU_LOSSES:
+            per_box = box_regression_loss(self.losses.box, self.coder.decode(offsets, priors), matched_boxes)
+        else:
+            per_box = box_regression_loss(self.losses.box, offsets, self.coder.encode(matched_boxes, priors),
+                                          self.losses.smooth_l1_beta)
+        # torch.where, not a product: an unmatched prior's target can be far off (its IoU loss is finite,
+        # but 0 x inf would not be)
+        loss_box = torch.where(positive, per_box * pos_weight, 0.0).sum() / num_pos
         return {"loss": loss_cls + loss_box, "loss_cls": loss_cls, "loss_box": loss_box, "num_positives": num_pos}
 
     @torch.no_grad()
@@ -143,7 +192,9 @@ class SSDHead(nn.Module):
         Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
         """
         priors = self.make_priors(raw, image_size)
-        scores = raw.cls_logits.float().softmax(-1)[..., 1:]  # (B, A, C)
+        logits = raw.cls_logits.float()
+        # (B, A, C): the softmax's foreground columns, or each class's own sigmoid (bce, focal)
+        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
         boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)

@@ -4,17 +4,27 @@ region-layer assignment and loss, batched over the padded batch."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.anchors import YOLOAnchors
 from detectors.assign import GridTargets, assign_to_grid
 from detectors.boxes import GridCoder, clip_boxes, paired_box_iou
-from detectors.losses import pointwise_loss
+from detectors.losses import (
+    BOX_LOSSES,
+    CLASS_LOSSES,
+    IOU_LOSSES,
+    OBJECTNESS_LOSSES,
+    box_regression_loss,
+    choose_losses,
+    class_probabilities,
+    label_class_loss,
+    objectness_loss,
+)
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -46,10 +56,14 @@ class YOLOv2Head(nn.Module):
             this gets no no-object loss (darknet's ``thresh``, 0.6).
         prior_warmup_images: for the first this many training images every non-responsible prediction
             also learns its anchor's box (offset 0.5, size the anchor's) at ``prior_scale`` (12800, 0.01).
-        objectness_loss: ``bce`` (default) or ``sse``, darknet's squared error on the sigmoid. BCE is the
-            default because SSE's gradient vanishes with the sigmoid's slope: from scratch, the objectness
-            of a fresh head sits where both terms push it to 0 and stays there (the overfit preset's
-            objectness stalled near 0 with SSE).
+        losses: the ``loss`` config. ``box``: sse (default: darknet's squared error on the sigmoid offsets
+            and t_w, t_h), smooth_l1, l1 (on the same), iou, giou, diou, ciou (on the decoded boxes); all
+            scaled by 2 - w h. ``cls``: ce (default: softmax, darknet's), softmax_focal, bce, focal (sigmoids
+            per class). ``obj``: bce (default), sse (darknet's squared error on the sigmoid), focal. BCE is
+            the default objectness because SSE's gradient vanishes with the sigmoid's slope: from scratch,
+            the objectness of a fresh head sits where both terms push it to 0 and stays there (the overfit
+            preset's objectness stalled near 0 with SSE). ``focal_alpha``, ``focal_gamma``,
+            ``smooth_l1_beta`` as in configs/loss/default.yaml.
         score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (darknet's mAP settings:
             0.005, 0.45; 100 per image; candidates per class and image before NMS).
         strides: the neck's nominal stride (set by ``Detector``; the grid comes from the map's shape).
@@ -72,7 +86,7 @@ class YOLOv2Head(nn.Module):
         ignore_threshold: float = 0.6,
         prior_warmup_images: int = 12800,
         prior_scale: float = 0.01,
-        objectness_loss: str = "bce",
+        losses: Mapping[str, Any] | None = None,
         score_threshold: float = 0.005,
         nms_threshold: float = 0.45,
         max_detections: int = 100,
@@ -84,14 +98,14 @@ class YOLOv2Head(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if len(in_channels) != 1:
             raise ValueError(f"the YOLOv2 head predicts on one map, the neck gives {len(in_channels)}")
-        self._objectness = pointwise_loss(objectness_loss, "head.objectness_loss")
         self.yolo_anchors = YOLOAnchors(anchors, input_size, num_levels=1)
         self.num_classes = num_classes
         self.coord_scale, self.object_scale = coord_scale, object_scale
         self.noobject_scale, self.class_scale = noobject_scale, class_scale
         self.ignore_threshold = ignore_threshold
         self.prior_warmup_images, self.prior_scale = prior_warmup_images, prior_scale
-        self.objectness_loss = objectness_loss
+        self.losses = choose_losses("YOLOv2", losses, {"box": "sse", "cls": "ce", "obj": "bce"},
+                                    {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         self.coder = GridCoder()
@@ -163,8 +177,13 @@ class YOLOv2Head(nn.Module):
             t = self.assign(pred_boxes.detach(), targets, image_size)
         with stage("loss"):
             batch = out.shape[0]
-            coord = (offsets - t.offsets).pow(2).sum(-1) + (log_wh - t.log_wh).pow(2).sum(-1)
-            loss_box = 0.5 * self.coord_scale * (t.weight * t.box_scale * coord).sum()
+            if self.losses.box in IOU_LOSSES:
+                per_box = box_regression_loss(self.losses.box, pred_boxes, t.boxes)
+            else:
+                per_box = box_regression_loss(self.losses.box, torch.cat([offsets, log_wh], -1),
+                                              torch.cat([t.offsets, t.log_wh], -1), self.losses.smooth_l1_beta)
+            # torch.where, not a product: a slot without a ground truth has no meaningful target
+            loss_box = self.coord_scale * torch.where(t.positive, t.weight * t.box_scale * per_box, 0.0).sum()
             if self.training:
                 # the prior-matching term: non-responsible boxes towards their anchor, for the first images
                 early = (self.images_seen < self.prior_warmup_images).float()
@@ -172,15 +191,16 @@ class YOLOv2Head(nn.Module):
                 loss_box = loss_box + early * 0.5 * self.prior_scale * (to_prior * ~t.positive).sum()
                 self.images_seen += batch
             iou = paired_box_iou(pred_boxes.detach(), t.boxes)  # rescore: objectness learns the IoU
-            loss_obj = self.object_scale * self._objectness(objectness[..., None], iou[..., None], t.weight).sum()
-            noobj = (~t.positive & ~t.ignore).float()
-            loss_noobj = self.noobject_scale * self._objectness(objectness[..., None], torch.zeros_like(iou[..., None]),
-                                                                noobj).sum()
-            ce = F.cross_entropy(class_logits.flatten(0, -2), t.labels.flatten(), reduction="none").view_as(t.weight)
-            loss_cls = self.class_scale * (t.weight * ce).sum()
+            loss_obj = self.object_scale * (t.weight * self._objectness(objectness, iou)).sum()
+            noobj = ~t.positive & ~t.ignore
+            loss_noobj = self.noobject_scale * (noobj * self._objectness(objectness, torch.zeros_like(iou))).sum()
+            loss_cls = self.class_scale * (t.weight * label_class_loss(self.losses, class_logits, t.labels)).sum()
             terms = {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
                      "loss_cls": loss_cls / batch}
             return {"loss": sum(terms.values()), **terms, "num_positives": t.positive.sum().float()}
+
+    def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
+        return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
 
     @torch.no_grad()
     def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -191,7 +211,7 @@ class YOLOv2Head(nn.Module):
         """
         out = raw.output.float()
         batch = out.shape[0]
-        scores = out[..., 4:5].sigmoid() * out[..., 5:].softmax(-1)  # (B, h, w, A, C)
+        scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])  # (B, h, w, A, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
         return multiclass_nms(boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes),
                               self.score_threshold, self.nms_threshold, self.pre_nms_top_k, self.max_detections)

@@ -4,8 +4,9 @@ assignment and loss, independent logistic classifiers, batched over the padded b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,17 @@ from torch import Tensor, nn
 from detectors.anchors import AnchorGrid, YOLOAnchors
 from detectors.assign import GridTargets, assign_to_grid
 from detectors.boxes import GridCoder, clip_boxes
-from detectors.losses import binary_cross_entropy, half_squared_error, pointwise_loss
+from detectors.losses import (
+    BOX_LOSSES,
+    CLASS_LOSSES,
+    IOU_LOSSES,
+    OBJECTNESS_LOSSES,
+    box_regression_loss,
+    choose_losses,
+    class_probabilities,
+    label_class_loss,
+    objectness_loss,
+)
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -46,11 +57,16 @@ class YOLOv3Head(nn.Module):
         ignore_threshold: a non-responsible prediction whose box overlaps a ground truth by more than
             this gets no objectness loss (the paper's 0.5; darknet's yolov3.cfg has ``ignore_thresh = .7``).
         coord_scale, object_scale, noobject_scale, class_scale: weights of the four terms (darknet: all 1).
-        xy_loss: ``bce`` (default) or ``sse`` on the sigmoid offsets against the target offsets in the cell.
-            darknet's yolo layer writes ``scale (t - sigmoid(x))`` as the delta of x and passes it back
-            without the logistic's slope, which is the gradient of BCE with the soft target t: so BCE is
-            darknet's; ``sse`` is the squared error the paper writes.
-        objectness_loss: ``bce`` (default; darknet's delta ``1 - sigmoid(x)`` on a logit, as above) or ``sse``.
+        losses: the ``loss`` config (configs/loss/default.yaml). ``box``: sse (default: half the squared error
+            of t_w, t_h, darknet's), smooth_l1, l1 (on the offsets and t_w, t_h), iou, giou, diou, ciou (on the
+            decoded boxes); all scaled by 2 - w h. ``cls``: bce (default: a logistic classifier per class, the
+            paper's multi-label choice), focal, ce, softmax_focal (a softmax, YOLOv2's). ``obj``: bce
+            (default: darknet's delta ``1 - sigmoid(x)`` is BCE's gradient on the logit), sse, focal.
+        xy_bce: with the offset box losses (sse, smooth_l1, l1), x and y learn by BCE of their logits against
+            the target offsets in the cell (default): darknet's yolo layer writes ``scale (t - sigmoid(x))``
+            as the delta of x and passes it back without the logistic's slope, which is the gradient of BCE
+            with the soft target t. False: the box loss of the sigmoid offsets (with sse: the squared error the
+            paper writes). The IoU losses take the whole decoded box and ignore it.
         score_threshold, nms_threshold, max_detections, pre_nms_top_k: decoding (darknet's mAP settings:
             0.005, 0.45; 100 per image; candidates per class and image before NMS).
         strides: the neck's strides (set by ``Detector``; the grids come from the maps' shapes).
@@ -75,8 +91,8 @@ class YOLOv3Head(nn.Module):
         object_scale: float = 1.0,
         noobject_scale: float = 1.0,
         class_scale: float = 1.0,
-        xy_loss: str = "bce",
-        objectness_loss: str = "bce",
+        losses: Mapping[str, Any] | None = None,
+        xy_bce: bool = True,
         score_threshold: float = 0.005,
         nms_threshold: float = 0.45,
         max_detections: int = 100,
@@ -91,11 +107,9 @@ class YOLOv3Head(nn.Module):
         self.ignore_threshold = ignore_threshold
         self.coord_scale, self.object_scale = coord_scale, object_scale
         self.noobject_scale, self.class_scale = noobject_scale, class_scale
-        # the loss of each term, a (pred, target, weight) -> per-slot function: a config choice per term
-        self.xy_loss = pointwise_loss(xy_loss, "head.xy_loss")
-        self.wh_loss = half_squared_error
-        self.objectness_loss = pointwise_loss(objectness_loss, "head.objectness_loss")
-        self.class_loss = binary_cross_entropy
+        self.losses = choose_losses("YOLOv3", losses, {"box": "sse", "cls": "bce", "obj": "bce"},
+                                    {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
+        self.xy_bce = xy_bce
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         self.coder = GridCoder()
@@ -153,35 +167,49 @@ class YOLOv3Head(nn.Module):
         Returns {'loss', 'loss_box', 'loss_obj', 'loss_noobj', 'loss_cls', 'num_positives'}; no host sync.
         """
         out = raw.output.float()
-        xy_logits, log_wh, objectness, class_logits = out[..., :2], out[..., 2:4], out[..., 4:5], out[..., 5:]
+        xy_logits, log_wh, objectness, class_logits = out[..., :2], out[..., 2:4], out[..., 4], out[..., 5:]
         grid = self.grid(raw, image_size)
-        pred_boxes = self.coder.decode_slots(xy_logits.detach().sigmoid(), log_wh.detach(), grid.cells,
-                                             grid.strides, grid.anchors)
+        offsets = xy_logits.sigmoid()
+        pred_boxes = self.coder.decode_slots(offsets, log_wh, grid.cells, grid.strides, grid.anchors)
         with stage("assign"):
-            t = self.assign(raw, pred_boxes, targets, image_size)
+            t = self.assign(raw, pred_boxes.detach(), targets, image_size)
         with stage("loss"):
             batch = out.shape[0]
-            box_weight = t.weight * t.box_scale  # (B, N): 0 off the responsible slots
-            loss_box = self.coord_scale * (self.xy_loss(xy_logits, t.offsets, box_weight)
-                                           + self.wh_loss(log_wh, t.log_wh, box_weight)).sum()
-            loss_obj = self.object_scale * self.objectness_loss(objectness, torch.ones_like(objectness), t.weight).sum()
-            noobj = (~t.positive & ~t.ignore).to(out.dtype)
-            loss_noobj = self.noobject_scale * self.objectness_loss(objectness, torch.zeros_like(objectness), noobj).sum()
-            one_hot = F.one_hot(t.labels, self.num_classes).to(out.dtype)
-            loss_cls = self.class_scale * self.class_loss(class_logits, one_hot, t.weight).sum()
+            per_box = self._box_loss(xy_logits, offsets, log_wh, pred_boxes, t)
+            # torch.where, not a product: a slot without a ground truth has no meaningful target
+            loss_box = self.coord_scale * torch.where(t.positive, t.weight * t.box_scale * per_box, 0.0).sum()
+            loss_obj = self.object_scale * (t.weight * self._objectness(objectness, torch.ones_like(objectness))).sum()
+            noobj = ~t.positive & ~t.ignore
+            loss_noobj = self.noobject_scale * (noobj * self._objectness(objectness, torch.zeros_like(objectness))).sum()
+            loss_cls = self.class_scale * (t.weight * label_class_loss(self.losses, class_logits, t.labels)).sum()
             terms = {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
                      "loss_cls": loss_cls / batch}
             return {"loss": sum(terms.values()), **terms, "num_positives": t.positive.sum().float()}
 
+    def _box_loss(self, xy_logits: Tensor, offsets: Tensor, log_wh: Tensor, pred_boxes: Tensor,
+                  t: GridTargets) -> Tensor:
+        """Per-slot box loss (B, N), before the 2 - w h scale and the box's weight."""
+        if self.losses.box in IOU_LOSSES:
+            return box_regression_loss(self.losses.box, pred_boxes, t.boxes)
+        if self.xy_bce:
+            xy = F.binary_cross_entropy_with_logits(xy_logits, t.offsets, reduction="none").sum(-1)
+            return xy + box_regression_loss(self.losses.box, log_wh, t.log_wh, self.losses.smooth_l1_beta)
+        return box_regression_loss(self.losses.box, torch.cat([offsets, log_wh], -1),
+                                   torch.cat([t.offsets, t.log_wh], -1), self.losses.smooth_l1_beta)
+
+    def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
+        return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
+
     @torch.no_grad()
     def predict(self, raw: YOLOv3Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Score = objectness x class probability (both sigmoids), per class above ``score_threshold``,
-        per-class NMS, the best ``max_detections`` per image.
+        """Score = objectness x class probability (a sigmoid per class, as the default bce trains them; a
+        softmax under loss.cls=ce), per class above ``score_threshold``, per-class NMS, the best
+        ``max_detections`` per image.
 
         Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
         """
         out = raw.output.float()
-        scores = out[..., 4:5].sigmoid() * out[..., 5:].sigmoid()  # (B, N, C)
+        scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])  # (B, N, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)
