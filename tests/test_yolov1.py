@@ -2,7 +2,6 @@
 paper, its decoding, the fixed input size, and train.py / evaluate.py runs of model=yolov1."""
 
 import math
-import re
 from functools import partial
 
 import pytest
@@ -282,19 +281,13 @@ TINY = ["data.source.sizes={train: 4, val: 4, test: 4}", "data.batch_size=2", "d
 
 
 @pytest.mark.slow
-def test_fast_dev_run(tmp_path):
-    out = run("train.py", *SMALL, "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
-    assert "backbone darknet19: weights from random init" in out
-    assert re.search(r"epoch 1/1 step 1: loss \d+\.\d+ .*; val map_50 \d\.\d{4}", out), out[-3000:]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["voc", "coco", "yolo"])
-def test_fast_dev_run_on_bccd(fmt, tmp_path, bccd_root, bccd_as):
-    root = bccd_root if fmt == "voc" else bccd_as(fmt)
-    out = run("train.py", *SMALL, f"data={fmt}", f"data.root={root}", "debug=fast_dev_run", "data.batch_size=2",
+def test_fast_dev_run_on_bccd(tmp_path, bccd_root):
+    # real data once (VOC): the COCO and YOLO-txt readers hand every head the same padded batch, and SSD300's
+    # e2e tests run them; one e2e run per head keeps CI's time
+    out = run("train.py", *SMALL, "data=voc", f"data.root={bccd_root}", "debug=fast_dev_run", "data.batch_size=2",
               "data.eval_batch_size=2", run_dir(tmp_path, "bccd"))
     assert "classes (label order): ['Platelets', 'RBC', 'WBC']" in out
+    assert "backbone darknet19: weights from random init" in out
 
 
 @pytest.mark.slow
