@@ -50,6 +50,29 @@ def check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str 
         )
 
 
+def build_model(run: DictConfig, path: str | Path) -> nn.Module:
+    """The DetectionModule a run config describes, freshly initialised, with nothing downloaded: the
+    backbone's ``weights`` are set to null in ``run`` first (a checkpoint holds them; a count of
+    parameters or FLOPs does not need them). ``run`` may carry the caller's changes: its YAML becomes the
+    module's ``run_config``. A config this version cannot build raises a one-line ValueError naming ``path``,
+    where the config came from."""
+    import hydra  # here: checkpoints.py is also read by train.py's resume logic, which needs no instantiation
+
+    with open_dict(run):
+        run.backbone.weights = None
+        run.model.detector.backbone.weights = None
+    try:
+        return hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
+    except Exception as e:  # noqa: BLE001 (any config this code cannot build)
+        cause = e.__cause__ or e  # Hydra's InstantiationException says where; its cause says what
+        raise ValueError(
+            f"the model stored in {path} cannot be built by this version of detectors "
+            f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); a run configured by an older "
+            "version (e.g. neck/head configs with channel lists, from before the backbone contract) needs the "
+            "version that wrote it"
+        ) from None
+
+
 def restore_model(ckpt: dict, run: DictConfig, path: str | Path) -> nn.Module:
     """The DetectionModule a checkpoint's run config describes, with the checkpoint's weights.
 
@@ -58,19 +81,7 @@ def restore_model(ckpt: dict, run: DictConfig, path: str | Path) -> nn.Module:
     first: the checkpoint holds them, and nothing is downloaded. A config this version cannot build, or
     tensors that do not fit, raise a one-line ValueError.
     """
-    import hydra  # here: checkpoints.py is also read by train.py's resume logic, which needs no instantiation
-
-    with open_dict(run):
-        run.backbone.weights = None
-        run.model.detector.backbone.weights = None
-    try:
-        model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
-    except Exception as e:  # noqa: BLE001 (any config this code cannot build)
-        raise ValueError(
-            f"the model stored in {path} cannot be built by this version of detectors "
-            f"({str(e).splitlines()[0]}); checkpoints written before the backbone contract (neck/head configs "
-            "with channel lists) need the version that wrote them"
-        ) from None
+    model = build_model(run, path)
     check_fits(model, ckpt["state_dict"], path)
     model.load_state_dict(ckpt["state_dict"])
     log.info("weights loaded from %s (the backbone's initialisation above is replaced)", path)

@@ -51,7 +51,9 @@ class EvaluationWriter(L.Callback):
         pr_curves: write the PR-curve PNGs.
         results_file, ground_truth_file, samples_file: file names (None: not written).
 
-    After the epoch, ``written`` maps each kind of output to its path(s).
+    After the epoch, ``written`` maps each kind of output to its path(s), ``class_names`` holds the names of
+    labels 0..C-1 and ``curves`` the precision-recall curve of each class at IoU 0.5
+    (``VOCMeanAP.pr_curves()``: recall, precision, VOC area AP, GT count), whether drawn or not.
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class EvaluationWriter(L.Callback):
         self.ground_truth_file = ground_truth_file
         self.samples_file = samples_file
         self.written: dict[str, Path | list[Path]] = {}
+        self.class_names: list[str] = []
+        self.curves: list[dict] = []
         self._reset(0)
 
     def _reset(self, num_classes: int) -> None:
@@ -93,7 +97,8 @@ class EvaluationWriter(L.Callback):
     # ---- Lightning hooks ------------------------------------------------------------------
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset(pl_module.detector.head.num_classes)
-        self.written = {}
+        self.written, self.curves = {}, []
+        self.class_names = list(class_names_of(pl_module))
 
     def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         if trainer.sanity_checking or not isinstance(outputs, Mapping) or "preds" not in outputs:
@@ -113,7 +118,7 @@ class EvaluationWriter(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self._image_ids:
             return
-        out, names = self.output_dir, class_names_of(pl_module)
+        out, names = self.output_dir, self.class_names
         categories = self.category_ids or list(range(1, len(names) + 1))
         if self.results_file:
             self.written["results"] = write_json(self._detections, out / self.results_file)
@@ -121,8 +126,9 @@ class EvaluationWriter(L.Callback):
             gt = coco_ground_truth(self._targets, torch.cat(self._image_ids), torch.cat(self._orig_sizes),
                                    categories, names, self.file_names)
             self.written["ground_truth"] = write_json(gt, out / self.ground_truth_file)
+        self.curves = self._voc.pr_curves()
         if self.pr_curves:
-            self.written["pr_curves"] = plot_pr_curves(self._voc.pr_curves(), names, out / "pr_curves")
+            self.written["pr_curves"] = plot_pr_curves(self.curves, names, out / "pr_curves")
         if self.samples_file and self._pictures:
             self.written["samples"] = save_png(image_grid(self._pictures, self.columns), out / self.samples_file)
         for kind, path in self.written.items():

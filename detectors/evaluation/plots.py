@@ -32,6 +32,7 @@ __all__ = [
     "label_font",
     "plot_pr_curve",
     "plot_pr_curves",
+    "pr_envelope",
     "render_samples",
     "safe_filename",
     "save_png",
@@ -51,6 +52,14 @@ _FILLED_LABELS = {"fill_labels": True, "label_colors": "white"} if "fill_labels"
 def safe_filename(name: str) -> str:
     """A class name as a file-name part: letters, digits, '.', '_' and '-' only."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
+
+
+def pr_envelope(recall: Tensor, precision: Tensor) -> tuple[list[float], list[float]]:
+    """The monotone precision envelope (max precision at recall >= r) of a ranked ``(D,)`` curve, as the
+    points of a ``step(..., where="pre")`` line from recall 0: the curve whose area is VOC2010+'s AP."""
+    rec = torch.as_tensor(recall, dtype=torch.float64).cpu()
+    envelope = torch.as_tensor(precision, dtype=torch.float64).cpu().flip(0).cummax(0).values.flip(0)
+    return [0.0, *rec.tolist()], [float(envelope[0]), *envelope.tolist()]
 
 
 def plot_pr_curve(
@@ -74,10 +83,7 @@ def plot_pr_curve(
     FigureCanvasAgg(fig)  # attaches the Agg canvas: no pyplot, no global figure state
     ax = fig.add_subplot()
     if rec.numel():
-        envelope = prec.flip(0).cummax(0).values.flip(0)
-        # the envelope as a step from recall 0, the way the AP integrates it
-        ax.step([0.0, *rec.tolist()], [float(envelope[0]), *envelope.tolist()], where="pre", color="C0",
-                label=f"interpolated (AP = {ap:.3f})")
+        ax.step(*pr_envelope(rec, prec), where="pre", color="C0", label=f"interpolated (AP = {ap:.3f})")
         ax.plot(rec.numpy(), prec.numpy(), color="C1", linewidth=0.8, alpha=0.7, label="raw")
         ax.legend(loc="best")
     else:

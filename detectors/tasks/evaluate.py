@@ -37,8 +37,11 @@ def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes
     )
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data``."""
+def run_evaluation(cfg: DictConfig, verbose: bool = True) -> tuple[dict, EvaluationWriter]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data`` and write
+    ``cfg.output``'s files into ``cfg.paths.output_dir``; returns the metrics (``DetectionModule.last_metrics``)
+    and the writer (its ``written`` files and ``curves``, the VOC PR curve of each class). ``verbose``:
+    Lightning's progress bar, model summary and metric table (``python -m detectors.compare`` turns them off)."""
     silence_known_noise()
     if cfg.split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
@@ -59,14 +62,22 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
         enable_checkpointing=False, default_root_dir=cfg.paths.output_dir, callbacks=[writer],
+        **({} if verbose else {"enable_progress_bar": False, "enable_model_summary": False}),
     )
     if cfg.split == "val":
-        trainer.validate(model, datamodule=datamodule)
+        trainer.validate(model, datamodule=datamodule, verbose=verbose)
     else:
-        trainer.test(model, datamodule=datamodule)
-    print(format_report(model.last_metrics, class_names, title=f"{cfg.split} split, {cfg.ckpt_path}"))
+        trainer.test(model, datamodule=datamodule, verbose=verbose)
+    return model.last_metrics, writer
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data``; print the
+    COCO stats and the per-class table, and where the files went."""
+    metrics, writer = run_evaluation(cfg)
+    print(format_report(metrics, writer.class_names, title=f"{cfg.split} split, {cfg.ckpt_path}"))
     print(f"evaluation files in {cfg.paths.output_dir}:")
     for kind, path in writer.written.items():
         where = f"{path[0].parent}/ ({len(path)} PNGs)" if isinstance(path, list) and path else path
         print(f"  {kind:<13} {where}")
-    return model.last_metrics
+    return metrics
