@@ -336,5 +336,12 @@ def test_yolov1_exports_at_its_own_size_only(checkpoints, tmp_path, capsys):
     assert result["check"].ok
 
 
+def test_a_checkpoint_of_a_compiled_run_exports_uncompiled(tmp_path):
+    """model.compile=true compiles the network when the module is built: the tracer would refuse it."""
+    ckpt = save_checkpoint(tmp_path / "compiled.ckpt", "ssdlite", f"input_size=[{NET[0]},{NET[1]}]", *TINY["ssdlite"],
+                           "model.compile=true")
+    assert main([f"ckpt_path={ckpt}", f"output={tmp_path / 'c.onnx'}", "check_num_images=1"]) == 0
+
+
 def test_yolov3_exports(checkpoints, tmp_path):
     assert export(export_cfg(checkpoints["yolov3"], tmp_path / "v3.onnx", "nms=true", "check_num_images=2"))["check"].ok

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import detectors
 from detectors.checkpoints import load_checkpoint, restore_model
@@ -33,7 +33,6 @@ from detectors.export import (
     ExportError,
     NMSSettings,
     Tolerance,
-    check_exportable,
     export_onnx,
     run_check,
 )
@@ -129,12 +128,13 @@ def export(cfg: DictConfig) -> dict:
                           "without onnxruntime)")
     try:
         ckpt, run = load_checkpoint(cfg.ckpt_path)
+        with open_dict(run):
+            run.model.compile = False  # the tracer cannot trace a torch.compile'd network; the weights are the same
         module = restore_model(ckpt, run, cfg.ckpt_path)
     except (FileNotFoundError, ValueError) as e:
         raise ExportError(f"ckpt_path: {first_line(e)}") from None
     del ckpt
     module.eval()
-    check_exportable(module.detector)
     size = input_size_of(cfg, module, key="image_size", error=ExportError)
     overrides = {k: cfg.get(k) for k in ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k")}
     settings = NMSSettings.from_head(module.detector.head, overrides) if cfg.nms else None
