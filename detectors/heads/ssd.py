@@ -184,18 +184,23 @@ class SSDHead(nn.Module):
         loss_box = torch.where(positive, per_box * pos_weight, 0.0).sum() / num_pos
         return {"loss": loss_cls + loss_box, "loss_cls": loss_cls, "loss_box": loss_box, "num_positives": num_pos}
 
+    def decode_scores(self, raw: SSDRaw, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Every prior decoded: boxes (B, A, 4) xyxy in pixels of the input, clipped to it, and scores
+        (B, A, C) per foreground class (the softmax's foreground columns, or each class's own sigmoid
+        under loss.cls=bce or focal). What ``predict`` runs NMS on, and what an exported model outputs."""
+        priors = self.make_priors(raw, image_size)
+        logits = raw.cls_logits.float()
+        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
+        return clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size), scores
+
     @torch.no_grad()
     def predict(self, raw: SSDRaw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Decode, keep the top ``pre_nms_top_k`` per class and image above ``score_threshold``,
-        per-class NMS over the whole batch in one call, then the best ``max_detections`` per image.
+        """``decode_scores``, the top ``pre_nms_top_k`` per class and image above ``score_threshold``,
+        per-class NMS, then the best ``max_detections`` per image.
 
         Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
         """
-        priors = self.make_priors(raw, image_size)
-        logits = raw.cls_logits.float()
-        # (B, A, C): the softmax's foreground columns, or each class's own sigmoid (bce, focal)
-        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
-        boxes = clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size)  # (B, A, 4)
+        boxes, scores = self.decode_scores(raw, image_size)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)
 

@@ -249,16 +249,13 @@ class YOLOv1Head(nn.Module):
         one_hot = nn.functional.one_hot(labels, self.num_classes)
         return sigmoid_class_loss(name, outputs, one_hot, self.losses.focal_alpha, self.losses.focal_gamma).sum(-1)
 
-    @torch.no_grad()
-    def predict(self, raw: YOLOv1Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Class scores = confidence x class probability (eq. 1) for every predictor, above
-        ``score_threshold``, per-class NMS, the best ``max_detections`` per image.
-
-        With the paper's losses the outputs are linear: confidence and probabilities are clamped to
-        [0, 1] first, so two negative ones cannot make a positive score; other losses' outputs go through
-        their sigmoid or softmax. Returns one dict per image: boxes (N, 4) xyxy
-        pixels clipped to the image, scores (N,) descending, labels (N,) 0..C-1.
-        """
+    def decode_scores(self, raw: YOLOv1Raw, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Every predictor decoded, in (row, col, predictor) order: boxes (B, S_h S_w num_boxes, 4) xyxy
+        pixels of the input, clipped to it, and class scores (B, S_h S_w num_boxes, C) = confidence x class
+        probability (eq. 1). With the paper's losses the outputs are linear: confidence and probabilities
+        are clamped to [0, 1] first, so two negative ones cannot make a positive score; other losses'
+        outputs go through their sigmoid or softmax. What ``predict`` runs NMS on, and what an exported
+        model outputs."""
         batch = raw.output.shape[0]
         boxes = clip_boxes(decode_boxes(raw.boxes.float(), image_size), image_size).reshape(batch, -1, 4)
         conf, probs = raw.confidence.float(), raw.class_probs.float()  # (B, S_h, S_w, nb), (B, S_h, S_w, C)
@@ -267,7 +264,16 @@ class YOLOv1Head(nn.Module):
             probs = probs.clamp(0, 1)
         else:
             probs = probs.softmax(-1) if self.losses.cls in ("ce", "softmax_focal") else probs.sigmoid()
-        scores = (conf.unsqueeze(-1) * probs.unsqueeze(-2)).reshape(batch, -1, self.num_classes)
+        return boxes, (conf.unsqueeze(-1) * probs.unsqueeze(-2)).reshape(batch, -1, self.num_classes)
+
+    @torch.no_grad()
+    def predict(self, raw: YOLOv1Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """``decode_scores``, above ``score_threshold``, per-class NMS, the best ``max_detections`` per image.
+
+        Returns one dict per image: boxes (N, 4) xyxy pixels clipped to the image, scores (N,) descending,
+        labels (N,) 0..C-1.
+        """
+        boxes, scores = self.decode_scores(raw, image_size)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)
 

@@ -202,16 +202,24 @@ class YOLOv2Head(nn.Module):
     def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
         return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
 
-    @torch.no_grad()
-    def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Score = objectness x class probability, per class above ``score_threshold``, per-class NMS,
-        the best ``max_detections`` per image.
-
-        Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
-        """
+    def decode_scores(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Every (cell, anchor) slot decoded, in (row, col, anchor) order: boxes (B, h w A, 4) xyxy in pixels
+        of the input, clipped to it, and scores (B, h w A, C) = objectness x class probability (a softmax
+        over the classes; a sigmoid per class under loss.cls=bce or focal). What ``predict`` runs NMS on,
+        and what an exported model outputs."""
         out = raw.output.float()
         batch = out.shape[0]
         scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])  # (B, h, w, A, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
-        return multiclass_nms(boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes),
-                              self.score_threshold, self.nms_threshold, self.pre_nms_top_k, self.max_detections)
+        return boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes)
+
+    @torch.no_grad()
+    def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """``decode_scores``, per class above ``score_threshold``, per-class NMS, the best ``max_detections``
+        per image.
+
+        Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
+        """
+        boxes, scores = self.decode_scores(raw, image_size)
+        return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
+                              self.max_detections)

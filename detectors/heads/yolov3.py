@@ -200,16 +200,22 @@ class YOLOv3Head(nn.Module):
     def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
         return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
 
+    def decode_scores(self, raw: YOLOv3Raw, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Every slot of every level decoded (``YOLOv3Raw``'s order): boxes (B, N, 4) xyxy in pixels of the
+        input, clipped to it, and scores (B, N, C) = objectness x class probability (a sigmoid per class, as
+        the default bce trains them; a softmax under loss.cls=ce). What ``predict`` runs NMS on, and what an
+        exported model outputs."""
+        out = raw.output.float()
+        scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])
+        return clip_boxes(self.decode(raw, image_size), image_size), scores
+
     @torch.no_grad()
     def predict(self, raw: YOLOv3Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """Score = objectness x class probability (a sigmoid per class, as the default bce trains them; a
-        softmax under loss.cls=ce), per class above ``score_threshold``, per-class NMS, the best
-        ``max_detections`` per image.
+        """``decode_scores``, per class above ``score_threshold``, per-class NMS, the best ``max_detections``
+        per image.
 
         Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,), labels (N,) 0..C-1.
         """
-        out = raw.output.float()
-        scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])  # (B, N, C)
-        boxes = clip_boxes(self.decode(raw, image_size), image_size)
+        boxes, scores = self.decode_scores(raw, image_size)
         return multiclass_nms(boxes, scores, self.score_threshold, self.nms_threshold, self.pre_nms_top_k,
                               self.max_detections)

@@ -10,6 +10,7 @@ inverse as evaluate.py, so a box here is the box evaluation would score.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+import albumentations as A
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -114,32 +116,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise PredictError(f"precision must be auto, bf16 or 32, got {precision!r}")
 
 
-def input_size_of(cfg: DictConfig, module: torch.nn.Module) -> tuple[int, int]:
-    """``input_size`` (an int for a square, or [H, W]), checked against the model; null: the checkpoint's."""
-    size = cfg.get("input_size")
+def input_size_of(cfg: DictConfig, module: torch.nn.Module, key: str = "input_size",
+                  error: type[ValueError] = PredictError) -> tuple[int, int]:
+    """``cfg[key]`` (an int for a square, or [H, W]), checked against the model; null: the checkpoint's
+    ``input_size``. A size the model cannot take raises ``error`` in one line."""
+    size = cfg.get(key)
     if size is None:
         return module.input_size
     size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
     if len(size) != 2:
-        raise PredictError(f"input_size must be an int or [H, W], got {list(size)}")
+        raise error(f"{key} must be an int or [H, W], got {list(size)}")
     try:
-        module._check_input_size(size, label="input_size")
+        module._check_input_size(size, label=key)
     except ValueError as e:
-        raise PredictError(first_line(e)) from None
+        raise error(first_line(e)) from None
     return size
+
+
+def eval_resize_of(run: DictConfig, size: tuple[int, int], resize: str | None = None) -> tuple[A.Compose, str, list]:
+    """The checkpoint's evaluation resize to ``size`` (H, W): (transform, 'stretch' or 'letterbox', the
+    letterbox's fill RGB); ``resize`` overrides the checkpoint's ``augment.eval_resize``."""
+    augment = run.get("data", {}).get("augment") or {}
+    resize = resize or augment.get("eval_resize", "stretch")
+    if resize not in EVAL_PRESETS:
+        raise PredictError(f"resize must be one of {', '.join(EVAL_PRESETS)} (or null: the checkpoint's), "
+                           f"got {resize!r}")
+    fill = augment.get("fill")
+    fill = list(fill) if fill is not None else list(inspect.signature(build_eval_transform).parameters["fill"].default)
+    return build_eval_transform(resize, size, fill=fill), resize, fill
 
 
 def build_dataset(inputs: Inputs, cfg: DictConfig, run: DictConfig, size: tuple[int, int],
                   keep_original: bool) -> tuple[Dataset, int, float]:
     """The input dataset (images resized as evaluation resizes them), its length (frames: as the video
     states it, 0 if it does not) and the video's frame rate."""
-    augment = run.get("data", {}).get("augment") or {}
-    resize = cfg.get("resize") or augment.get("eval_resize", "stretch")
-    if resize not in EVAL_PRESETS:
-        raise PredictError(f"resize must be one of {', '.join(EVAL_PRESETS)} (or null: the checkpoint's), "
-                           f"got {resize!r}")
-    fill = {"fill": list(augment["fill"])} if augment.get("fill") is not None else {}
-    transform = build_eval_transform(resize, size, **fill)
+    transform, resize, _ = eval_resize_of(run, size, cfg.get("resize"))
     log.info("images resized to %dx%d (H x W, %s, as the checkpoint's evaluation)", size[0], size[1], resize)
     if inputs.video is None:
         return ImageFiles(inputs, transform, resize, keep_original), len(inputs.files), 0.0
