@@ -64,8 +64,7 @@ class RoIBoxHead(nn.Module):
 
     def forward(self, feat: Tensor, boxes: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         batch, num_rois = boxes.shape[:2]
-        image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num_rois)
-        rois = torch.cat([image_index[:, None], boxes.reshape(-1, 4)], dim=1)  # (B K, 5), image-major
+        rois = to_rois(boxes)
         keep = None
         if valid is not None:
             keep = valid.flatten().nonzero().squeeze(1)
@@ -79,6 +78,14 @@ class RoIBoxHead(nn.Module):
             logits = logits.new_zeros(batch * num_rois, logits.shape[1]).index_copy_(0, keep, logits)
             deltas = deltas.new_zeros(batch * num_rois, deltas.shape[1]).index_copy_(0, keep, deltas)
         return logits.view(batch, num_rois, -1), deltas.view(batch, num_rois, self.num_classes, 4)
+
+
+def to_rois(boxes: Tensor) -> Tensor:
+    """(B, K, 4) xyxy per image -> (B K, 5) rows (image index, x1, y1, x2, y2), image-major: the form
+    ``torchvision.ops.roi_align`` takes for a whole batch at once."""
+    batch, num_rois = boxes.shape[:2]
+    image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num_rois)
+    return torch.cat([image_index[:, None], boxes.reshape(-1, 4)], dim=1)
 
 
 @dataclass
