@@ -22,7 +22,7 @@ import torch
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from torchvision.ops import box_iou
 
-PRESETS = ("ssd", "yolo", "flip", "none", "letterbox")
+PRESETS = ("ssd", "yolo", "none", "letterbox", "flip")
 # evaluation resize (``eval_resize`` of configs/augment/) -> the preset that does only that
 EVAL_PRESETS = {"stretch": "none", "letterbox": "letterbox"}
 
