@@ -38,8 +38,9 @@ def padded_targets(generator, batch=3, max_gt=5, num_classes=3, size=(128, 160))
     boxes = random_boxes(generator, (batch, max_gt), size)
     counts = torch.arange(batch) % (max_gt + 1)
     mask = torch.arange(max_gt)[None, :] < counts[:, None]
-    return {"boxes": boxes * mask[..., None], "labels": torch.randint(0, num_classes, (batch, max_gt), generator=generator),
-            "mask": mask, "weights": torch.ones(batch, max_gt), "difficult": torch.zeros(batch, max_gt, dtype=torch.bool)}
+    return {"boxes": boxes * mask[..., None], "mask": mask,
+            "labels": torch.randint(0, num_classes, (batch, max_gt), generator=generator),
+            "weights": torch.ones(batch, max_gt), "difficult": torch.zeros(batch, max_gt, dtype=torch.bool)}
 
 
 # ---- anchors --------------------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ def test_sampling_quotas_hold_per_image(num_samples, fraction):
     p_pos = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9, 0.3])[:, None]
     draw = torch.rand(batch, n, generator=g)
     positive = draw < p_pos
-    negative = (draw >= p_pos) & (torch.rand(batch, n, generator=g) < torch.tensor([1, 0.5, 0.05, 0.9, 1, 0.01])[:, None])
+    p_neg = torch.tensor([1, 0.5, 0.05, 0.9, 1, 0.01])[:, None]
+    negative = (draw >= p_pos) & (torch.rand(batch, n, generator=g) < p_neg)
     pos, neg = sample_balanced(positive, negative, num_samples, fraction)
     for i in range(batch):  # the plain per-image rule (torchvision's BalancedPositiveNegativeSampler)
         want_pos = min(int(positive[i].sum()), int(num_samples * fraction))
@@ -200,7 +202,8 @@ def test_proposals_are_torchvisions_filter_proposals(training):
     rpn = RegionProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, pre, post, 0.7, score_thresh=0.2)
     rpn.train(training)
     key = "training" if training else "testing"
-    theirs, their_scores = rpn.filter_proposals(coder.decode(deltas, anchors), objectness, [size] * batch, [num_anchors])
+    theirs, their_scores = rpn.filter_proposals(coder.decode(deltas, anchors), objectness, [size] * batch,
+                                                [num_anchors])
     boxes, scores, valid = select_proposals(objectness, deltas, anchors, coder, size, pre[key], post[key], 0.7,
                                             min_size=1e-3, score_threshold=0.2)
     assert boxes.shape == (batch, post[key], 4)
@@ -291,7 +294,8 @@ def test_roi_loss_equals_torchvisions_fastrcnn_loss():
 
 def test_losses_weight_positives_by_their_box_weight():
     """Mixup's per-box weights: a positive of weight w counts w times in both terms."""
-    samples = RoISamples(boxes=torch.tensor([[[0.0, 0, 20, 20], [0, 0, 20, 20]]]), valid=torch.ones(1, 2, dtype=torch.bool),
+    samples = RoISamples(boxes=torch.tensor([[[0.0, 0, 20, 20], [0, 0, 20, 20]]]),
+                         valid=torch.ones(1, 2, dtype=torch.bool),
                          labels=torch.tensor([[1, 0]]), matched_boxes=torch.tensor([[[1.0, 1, 22, 21], [0, 0, 0, 0]]]),
                          weight=torch.tensor([[0.25, 1.0]]))
     logits, deltas = torch.randn(1, 2, 3), torch.randn(1, 2, 2, 4)

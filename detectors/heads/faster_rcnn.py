@@ -96,8 +96,8 @@ class FasterRCNNHead(nn.Module):
         rpn_bg_iou: float = 0.3,
         rpn_batch_size: int = 256,
         rpn_positive_fraction: float = 0.5,
-        rpn_pre_nms_top_k: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006 (read only)
-        rpn_post_nms_top_k: Mapping[str, int] = {"train": 2000, "test": 1000},  # noqa: B006
+        rpn_pre_nms_top_k: Mapping[str, int] | None = None,
+        rpn_post_nms_top_k: Mapping[str, int] | None = None,
         rpn_nms_threshold: float = 0.7,
         rpn_min_size: float = 1e-3,
         rpn_score_threshold: float = 0.0,
@@ -131,8 +131,10 @@ class FasterRCNNHead(nn.Module):
                                    roi_pool, fc_width)
         self.rpn_fg_iou, self.rpn_bg_iou = rpn_fg_iou, rpn_bg_iou
         self.rpn_batch_size, self.rpn_positive_fraction = rpn_batch_size, rpn_positive_fraction
-        self.rpn_pre_nms_top_k = {k: int(rpn_pre_nms_top_k[k]) for k in ("train", "test")}
-        self.rpn_post_nms_top_k = {k: int(rpn_post_nms_top_k[k]) for k in ("train", "test")}
+        pre = rpn_pre_nms_top_k or {"train": 2000, "test": 1000}
+        post = rpn_post_nms_top_k or {"train": 2000, "test": 1000}
+        self.rpn_pre_nms_top_k = {k: int(pre[k]) for k in ("train", "test")}
+        self.rpn_post_nms_top_k = {k: int(post[k]) for k in ("train", "test")}
         self.rpn_nms_threshold, self.rpn_min_size = rpn_nms_threshold, rpn_min_size
         self.rpn_score_threshold = rpn_score_threshold
         self.roi_batch_size, self.roi_positive_fraction = roi_batch_size, roi_positive_fraction
