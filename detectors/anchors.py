@@ -5,9 +5,10 @@ Computing them from the shapes the network actually produced, instead of a
 table for one input size, is what lets every head train at any input size
 (multi-scale training, SSD512, non-square inputs).
 
-``kmeans_anchors`` picks a YOLO head's anchor shapes from the training boxes (YOLOv2's dimension
-clusters); ``python -m detectors.anchors kmeans ...`` runs it on a configured dataset
-(``detectors.tasks.anchors``).
+``YOLOAnchors`` holds a YOLO head's anchors and lays out its prediction slots over one or several
+grids (``AnchorGrid``). ``kmeans_anchors`` picks a YOLO head's anchor shapes from the training boxes
+(YOLOv2's dimension clusters); ``python -m detectors.anchors kmeans ...`` runs it on a configured
+dataset (``detectors.tasks.anchors``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -156,6 +158,92 @@ class RPNAnchors:
             centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, len(wh), 2)
             anchors = torch.cat([centres, wh.expand(fh * fw, -1, 2)], dim=-1).reshape(-1, 4)
             self._cache[key] = anchors.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# YOLO anchors: a few (w, h) per grid level, and every prediction slot of a head laid out flat.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnchorGrid:
+    """Every prediction slot of a YOLO head, flattened: level by level (the neck's order, strides
+    ascending), then the level's cells row-major, then its anchors. That is the order of the head's
+    (B, h_l, w_l, A_l, ...) outputs flattened and concatenated over the levels: N = sum_l h_l w_l A_l.
+
+    cells: (N, 2) column and row of each slot's cell; strides: (N, 2) its cell's width and height in
+    pixels; anchors: (N, 2) its anchor's width and height in pixels of the input.
+    shapes: (h_l, w_l) per level; starts: the first slot of each level, then N.
+    """
+
+    cells: Tensor
+    strides: Tensor
+    anchors: Tensor
+    shapes: tuple[tuple[int, int], ...]
+    starts: tuple[int, ...]
+
+    @property
+    def num_slots(self) -> int:
+        return self.starts[-1]
+
+
+class YOLOAnchors:
+    """A YOLO head's anchors: (K, 2) widths and heights in pixels of an input of ``input_size``, in
+    ``num_levels`` equal groups taken in order, the first group on the first (finest) level: YOLOv3's
+    9 anchors by area go 3 to stride 8, 3 to 16, 3 to 32 (darknet's ``mask = 0,1,2`` ... ``6,7,8``), and
+    ``kmeans_anchors`` returns its clusters by area, so its output drops in as it is.
+
+    At another input size the anchors scale with the image (``scaled``): darknet's YOLOv2 keeps them in
+    grid cells, which scale so; its YOLOv3 keeps pixels of the network input, so its multi-scale
+    training meets relatively larger anchors at the smaller sizes. Scaling keeps them the shape of the
+    data's boxes at every size (the loader's letterbox scales the boxes with the input).
+    """
+
+    def __init__(self, anchors: Sequence[Sequence[float]], input_size: Sequence[int], num_levels: int = 1):
+        anchors_t = torch.tensor(anchors, dtype=torch.float32)
+        if anchors_t.ndim != 2 or anchors_t.shape[1] != 2 or len(anchors_t) == 0 or (anchors_t <= 0).any():
+            raise ValueError(f"head.anchors must be a list of positive [w, h] pairs, got {anchors}")
+        if num_levels < 1 or len(anchors_t) % num_levels:
+            raise ValueError(f"{len(anchors_t)} anchors do not split into {num_levels} equal groups, one per level "
+                             f"of the neck: give a multiple of {num_levels}")
+        self.anchors = anchors_t
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.num_levels = num_levels
+        self.per_level = len(anchors_t) // num_levels
+        # which level each anchor serves, and its index within the level
+        self.level_of = torch.arange(len(anchors_t)) // self.per_level
+        self.index_in_level = torch.arange(len(anchors_t)) % self.per_level
+        self._cache: dict[tuple, object] = {}
+
+    def scaled(self, image_size: tuple[int, int], device: torch.device | str) -> Tensor:
+        """(K, 2) anchor sizes in pixels of an input of ``image_size`` (H, W): scaled with the image."""
+        key = ("scaled", tuple(image_size), str(device))
+        if key not in self._cache:
+            scale = torch.tensor([image_size[1] / self.input_size[1], image_size[0] / self.input_size[0]])
+            self._cache[key] = (self.anchors * scale).to(device)
+        return self._cache[key]
+
+    def grid(self, shapes: Sequence[tuple[int, int]], image_size: tuple[int, int],
+             device: torch.device | str) -> AnchorGrid:
+        """The slots of maps of ``shapes`` (h_l, w_l), strides ascending, for an input of ``image_size``;
+        made once per (shapes, size, device): a step builds no tensor on the host."""
+        shapes = tuple((int(h), int(w)) for h, w in shapes)
+        if len(shapes) != self.num_levels:
+            raise ValueError(f"the anchors are grouped for {self.num_levels} levels, the neck gives {len(shapes)}")
+        key = ("grid", shapes, tuple(image_size), str(device))
+        if key not in self._cache:
+            anchors = self.scaled(image_size, "cpu").view(self.num_levels, self.per_level, 2)
+            cells, strides, slot_anchors, starts = [], [], [], [0]
+            for (h, w), level_anchors in zip(shapes, anchors):
+                rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+                cell = torch.stack([cols, rows], -1).view(h * w, 1, 2).expand(h * w, self.per_level, 2)
+                cells.append(cell.reshape(-1, 2).float())
+                strides.append(torch.tensor([image_size[1] / w, image_size[0] / h]).expand(h * w * self.per_level, 2))
+                slot_anchors.append(level_anchors.expand(h * w, self.per_level, 2).reshape(-1, 2))
+                starts.append(starts[-1] + h * w * self.per_level)
+            self._cache[key] = AnchorGrid(torch.cat(cells).to(device), torch.cat(strides).to(device),
+                                          torch.cat(slot_anchors).to(device), shapes, tuple(starts))
         return self._cache[key]
 
 

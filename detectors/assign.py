@@ -8,12 +8,16 @@ Python loop over images or ground truths in a training step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from detectors.boxes import batched_box_iou
+from detectors.boxes import GridCoder, batched_box_iou
+
+if TYPE_CHECKING:
+    from detectors.anchors import AnchorGrid
 
 
 @dataclass
@@ -231,3 +235,82 @@ def shape_iou(wh: Tensor, anchors: Tensor) -> Tensor:
     inter = torch.minimum(wh[..., None, :], anchors).prod(-1)
     union = wh.prod(-1)[..., None] + anchors.prod(-1) - inter
     return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)
+
+
+def overlaps_any(pred_boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, threshold: float) -> Tensor:
+    """Predictions whose IoU with some ground truth exceeds ``threshold`` (YOLO's ignore rule), batched.
+
+    pred_boxes: (B, N, 4), gt_boxes: (B, M, 4) xyxy, gt_mask: (B, M) -> (B, N) bool.
+    """
+    if gt_boxes.shape[1] == 0:
+        return torch.zeros(pred_boxes.shape[:2], dtype=torch.bool, device=pred_boxes.device)
+    overlap = batched_box_iou(pred_boxes, gt_boxes).masked_fill(~gt_mask[:, None, :], 0)
+    return overlap.amax(-1) > threshold
+
+
+@dataclass
+class GridTargets:
+    """What darknet's grid assignment gives each prediction slot (all (B, N[, k]) over the slots of an
+    ``AnchorGrid``; a one-level head may view them as (B, h, w, A[, k])).
+
+    positive: the slot is responsible for a ground truth; weight: that ground truth's per-box weight
+    (0 elsewhere); offsets, log_wh: the coder's targets; box_scale: 2 - w h (w, h as fractions of the
+    image); labels: class index; ignore: a non-responsible slot whose box overlaps some ground truth
+    by more than the ignore threshold (no objectness loss); boxes: the matched ground truth.
+    """
+
+    positive: Tensor
+    weight: Tensor
+    offsets: Tensor
+    log_wh: Tensor
+    box_scale: Tensor
+    labels: Tensor
+    ignore: Tensor
+    boxes: Tensor
+
+
+def assign_to_grid(pred_boxes: Tensor, targets: dict[str, Tensor], grid: AnchorGrid, anchors: Tensor,
+                   image_size: tuple[int, int], ignore_threshold: float, coder: GridCoder | None = None) -> GridTargets:
+    """darknet's assignment for YOLO heads on one grid (YOLOv2's region layer) or several (YOLOv3's yolo
+    layers), for the whole batch.
+
+    Each ground truth (not difficult) is learnt by the one anchor of best shape IoU among all K
+    (centres aligned; ties: the first), at the cell of its centre on that anchor's level; of two
+    claiming one slot the later keeps it (darknet's loop over truths overwrites). Every other slot
+    whose predicted box overlaps any ground truth (difficult ones included) by more than
+    ``ignore_threshold`` is ignored by the no-object loss.
+
+    Args:
+        pred_boxes: (B, N, 4) decoded predictions, detached, in the grid's slot order.
+        targets: boxes (B, M, 4) xyxy px, labels, mask, weights (B, M), optional difficult (B, M).
+        grid: the head's slots; anchors: (K, 2) all its anchors at this input size, grouped by level
+            in order (``YOLOAnchors.scaled``): anchor k serves level k // (K / L).
+    """
+    coder = coder or GridCoder()
+    batch, num_slots = pred_boxes.shape[:2]
+    boxes, mask = targets["boxes"].float(), targets["mask"]
+    difficult = targets.get("difficult")
+    claims = mask if difficult is None else mask & ~difficult
+    per_level = len(anchors) // len(grid.shapes)
+
+    best = shape_iou(boxes[..., 2:] - boxes[..., :2], anchors).argmax(-1)  # (B, M) over all K anchors
+    level, index = best // per_level, best % per_level
+    # the slot each ground truth claims on every level, then the one on its anchor's level (L is 1 to 5:
+    # a loop over levels, not over images or boxes)
+    slots = []
+    for (h, w), start in zip(grid.shapes, grid.starts):
+        row, col = cells_of_centres(boxes, (h, w), image_size)
+        slots.append(start + (row * w + col) * per_level + index)
+    slot = torch.stack(slots).gather(0, level[None]).squeeze(0)
+    owner = owner_of_slots(slot, claims, num_slots, keep="last")  # (B, N)
+    positive = owner >= 0
+    matched = gather_gt(boxes, owner)
+    weight = gather_gt(targets["weights"].float(), owner) * positive
+    labels = gather_gt(targets["labels"], owner).clamp(min=0)
+
+    offsets, log_wh = coder.encode_slots(matched, grid.cells, grid.strides, grid.anchors)
+    # darknet's 2 - w h, w and h as fractions of the image: small boxes weigh up to twice as much
+    width, height = matched[..., 2] - matched[..., 0], matched[..., 3] - matched[..., 1]
+    box_scale = 2.0 - width / image_size[1] * height / image_size[0]
+    ignore = overlaps_any(pred_boxes, boxes, mask, ignore_threshold) & ~positive
+    return GridTargets(positive, weight, offsets, log_wh, box_scale, labels, ignore, matched)

@@ -198,3 +198,21 @@ class GridCoder:
         # a degenerate GT never becomes a target (dropped at load); the clamp only guards log(0) in padding
         log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-6) / anchors_wh.clamp(min=1e-6))
         return offsets, log_wh
+
+    # The same on slots laid out flat over one or several grids (``detectors.anchors.AnchorGrid``): each slot
+    # carries its cell, its cell's size and its anchor, so the levels of a multi-scale head decode in one go.
+
+    def decode_slots(self, offsets: Tensor, log_wh: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> Tensor:
+        """offsets (B, N, 2) in 0..1 of the cell; log_wh (B, N, 2); cells (N, 2) column, row; strides (N, 2)
+        cell width, height in pixels; anchors (N, 2) w, h in pixels -> boxes (B, N, 4) xyxy in pixels."""
+        centre = (cells + offsets) * strides
+        wh = anchors * torch.exp(log_wh.clamp(max=self.max_log_scale))
+        return torch.cat([centre - wh / 2, centre + wh / 2], -1)
+
+    def encode_slots(self, boxes: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        """The targets of ``decode_slots``: boxes (B, N, 4) xyxy in pixels, each learnt by its slot ->
+        (offsets (B, N, 2), log_wh (B, N, 2)); offsets are in 0..1 where the box's centre is in the cell."""
+        cxcywh = box_convert(boxes, "xyxy", "cxcywh")
+        offsets = cxcywh[..., :2] / strides - cells
+        log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-6) / anchors.clamp(min=1e-6))
+        return offsets, log_wh

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
@@ -48,6 +48,33 @@ def check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str 
             f"{len(missing)} missing, {len(unexpected)} unexpected (first: {detail}). "
             "Use the model, backbone and data (class count) it was trained with."
         )
+
+
+def restore_model(ckpt: dict, run: DictConfig, path: str | Path) -> nn.Module:
+    """The DetectionModule a checkpoint's run config describes, with the checkpoint's weights.
+
+    ``ckpt`` and ``run`` as :func:`load_checkpoint` returns them (``run`` may carry the caller's changes:
+    its YAML becomes the module's ``run_config``). The backbone's ``weights`` are set to null in ``run``
+    first: the checkpoint holds them, and nothing is downloaded. A config this version cannot build, or
+    tensors that do not fit, raise a one-line ValueError.
+    """
+    import hydra  # here: checkpoints.py is also read by train.py's resume logic, which needs no instantiation
+
+    with open_dict(run):
+        run.backbone.weights = None
+        run.model.detector.backbone.weights = None
+    try:
+        model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
+    except Exception as e:  # noqa: BLE001 (any config this code cannot build)
+        raise ValueError(
+            f"the model stored in {path} cannot be built by this version of detectors "
+            f"({str(e).splitlines()[0]}); checkpoints written before the backbone contract (neck/head configs "
+            "with channel lists) need the version that wrote them"
+        ) from None
+    check_fits(model, ckpt["state_dict"], path)
+    model.load_state_dict(ckpt["state_dict"])
+    log.info("weights loaded from %s (the backbone's initialisation above is replaced)", path)
+    return model
 
 
 def last_checkpoints(runs_dir: str | Path) -> list[Path]:

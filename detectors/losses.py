@@ -151,3 +151,23 @@ def choose_losses(head: str, losses: Mapping[str, Any] | None, defaults: dict[st
     return LossChoice(**chosen, smooth_l1_beta=float(losses.get("smooth_l1_beta", 1.0)),
                       focal_alpha=float(losses.get("focal_alpha", 0.25)),
                       focal_gamma=float(losses.get("focal_gamma", 2.0)))
+
+
+def label_class_loss(losses: LossChoice, logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-slot class loss (...) of logits (..., C) against labels (...) in 0..C-1, for the heads that score C
+    foreground classes (YOLOv2, YOLOv3): ``ce`` and ``softmax_focal`` over a softmax of the C, ``bce`` and
+    ``focal`` over one sigmoid per class (summed over the C: YOLOv3's multi-label classifiers)."""
+    import torch.nn.functional as F
+
+    if losses.cls == "ce":
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+    if losses.cls == "softmax_focal":
+        return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), losses.focal_gamma).view_as(labels)
+    one_hot = F.one_hot(labels, logits.shape[-1])
+    return sigmoid_class_loss(losses.cls, logits, one_hot, losses.focal_alpha, losses.focal_gamma).sum(-1)
+
+
+def class_probabilities(losses: LossChoice, logits: Tensor) -> Tensor:
+    """(..., C) the class probabilities as ``label_class_loss`` trained the logits: one sigmoid per class
+    (bce, focal) or a softmax over the C."""
+    return logits.sigmoid() if losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)

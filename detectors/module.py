@@ -98,16 +98,17 @@ class DetectionModule(L.LightningModule):
             self.detector.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
         self._batches_seen = 0  # the batch counter when no trainer runs the module
 
-    def _check_input_size(self, size: tuple[int, int]) -> None:
+    def _check_input_size(self, size: tuple[int, int], label: str | None = None) -> None:
         """Fail now, with the reason, if the network cannot take inputs of ``size`` (input_size and
         every multi-scale size), instead of with a shape error in the middle of an epoch.
 
         The backbone says its smallest side and size divisor; then the forward runs on the meta device
         (shapes only, no arithmetic, about 0.05 s), which finds what the rest of the network needs (SSD300's
         extras: >= 257 px). Only a map that becomes empty, or a kernel larger than its map, is called "too
-        small"; any other failure is reported as it is."""
+        small"; any other failure is reported as it is. ``label`` names the size in the message
+        (default: input_size or multiscale size)."""
         backbone = getattr(self.detector, "backbone", None)
-        label = "input_size" if tuple(size) == self.input_size else "multiscale size"
+        label = label or ("input_size" if tuple(size) == self.input_size else "multiscale size")
         smallest = getattr(backbone, "min_size", 1)
         if min(size) < smallest:
             raise ValueError(f"{label} {tuple(size)} is too small: the backbone needs sides of at least {smallest} px")
@@ -204,15 +205,14 @@ class DetectionModule(L.LightningModule):
         return losses["loss"]
 
     # ---- evaluation ----------------------------------------------------------------------
-    def predict_original_frame(self, batch: dict[str, Tensor]) -> tuple[list[dict], list[dict]]:
-        """Predictions and ground truth of a batch in each image's original pixel frame.
+    def predictions_in_original_frame(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """The detector's predictions for a batch, boxes in each image's original pixel frame.
 
-        Boxes go back through the inverse of each image's ``frames`` entry (stretch or letterbox alike)
-        and are clipped to the original image. The ground truth is the file's own annotations
-        (``gt_*`` of an evaluation loader's batch: every box as written, with its COCO area and crowd
-        flag, so the stats equal pycocotools' on the dataset's file); a batch without them (made by
-        hand) has its training boxes mapped back, resized plainly from ``orig_sizes`` if it has no
-        ``frames``. One host read per batch (the box counts), none per image."""
+        ``batch`` holds ``images`` ``(B, 3, H, W)`` (normalised, at network size), ``orig_sizes``
+        ``(B, 2)`` (H0, W0) and optionally ``frames`` ``(B, 4)``: where each original lies in its input
+        (absent: a plain resize from ``orig_sizes``). Boxes go back through the inverse of each image's
+        frame (stretch or letterbox alike) and are clipped to the original image. Returns per image
+        ``boxes`` ``(N, 4)`` float32 xyxy, ``scores`` ``(N,)``, ``labels`` ``(N,)``."""
         images = batch["images"]
         size = tuple(images.shape[-2:])
         preds = self.detector.predict(self.detector(images), size)
@@ -221,12 +221,29 @@ class DetectionModule(L.LightningModule):
         if frames is None:
             frames = stretch_frames(orig, size)
         for i, p in enumerate(preds):
-            p["boxes"] = boxes_to_original(p["boxes"], frames[i], orig[i])
+            # float32 before the map: under bf16 autocast a head's boxes may come out in bf16, whose 8-bit
+            # mantissa would misplace a box in a large original by pixels
+            p["boxes"] = boxes_to_original(p["boxes"].float(), frames[i], orig[i])
+        return preds
+
+    def predict_original_frame(self, batch: dict[str, Tensor]) -> tuple[list[dict], list[dict]]:
+        """Predictions and ground truth of a batch in each image's original pixel frame.
+
+        Predictions: :meth:`predictions_in_original_frame`. The ground truth is the file's own
+        annotations (``gt_*`` of an evaluation loader's batch: every box as written, with its COCO area
+        and crowd flag, so the stats equal pycocotools' on the dataset's file); a batch without them
+        (made by hand) has its training boxes mapped back, resized plainly from ``orig_sizes`` if it
+        has no ``frames``. One host read per batch (the box counts), none per image."""
+        preds = self.predictions_in_original_frame(batch)
         if "gt_boxes" in batch:
             columns = {"boxes": batch["gt_boxes"], "labels": batch["gt_labels"], "difficult": batch["gt_difficult"],
                        "iscrowd": batch["gt_iscrowd"], "area": batch["gt_area"]}
             counts = batch["gt_counts"].tolist()
         else:
+            orig = batch["orig_sizes"]
+            frames = batch.get("frames")
+            if frames is None:
+                frames = stretch_frames(orig, tuple(batch["images"].shape[-2:]))
             gt_boxes = boxes_to_original(batch["boxes"], frames[:, None], orig[:, None])  # (B, M, 4), whole batch
             columns = {"boxes": gt_boxes, "labels": batch["labels"], "difficult": batch["difficult"],
                        "iscrowd": batch["iscrowd"]}

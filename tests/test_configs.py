@@ -28,8 +28,9 @@ GROUPS = ["data", "augment", "backbone", "neck", "head", "optimizer", "scheduler
 # the forward runs on a small input every model takes (SSD300's extras need 257 px and more) ...
 FORWARD_SIZE = (264, 280)
 # ... or on the size a head needs: None is the config's own input_size (YOLOv1's FC is built for that one
-# size), YOLOv2's grid takes multiples of 32
+# size), YOLOv2's and YOLOv3's grids take multiples of 32
 FORWARD_SIZES = {"detectors.heads.yolov1.YOLOv1Head": None, "detectors.heads.yolov2.YOLOv2Head": (288, 320),
+                 "detectors.heads.yolov3.YOLOv3Head": (288, 320),
                  # Faster R-CNN's proposals are clipped to its stride-16 map: multiples of 16
                  "detectors.heads.faster_rcnn.FasterRCNNHead": (256, 272)}
 # YOLOv1's paper FC (4096 units, 205M weights at 448 px) only slows the test down
@@ -44,6 +45,8 @@ PARTNERS = {
                            "head.priors.aspect_ratios=[[2],[2,3],[2,3]]"],
     ("neck", "passthrough"): ["model=yolov2"],
     ("head", "yolov2"): ["model=yolov2"],
+    ("neck", "yolov3_fpn"): ["model=yolov3"],
+    ("head", "yolov3"): ["model=yolov3"],
     ("head", "yolov1"): ["model=yolov1", *SMALL_YOLOV1],
     ("model", "yolov1"): SMALL_YOLOV1,
     ("head", "faster_rcnn"): ["model=faster_rcnn", *SMALL_RCNN],

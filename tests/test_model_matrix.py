@@ -18,13 +18,14 @@ BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest input (257 px)
 # models whose input size is constrained: YOLOv1's FC is built for one size (any, as long as it is the
-# one it runs at: small and non-square here too), YOLOv2's grid needs multiples of 32
+# one it runs at: small and non-square here too), YOLOv2's and YOLOv3's grids need multiples of 32,
 # and Faster R-CNN's proposals are clipped to its stride-16 map's extent: multiples of 16 (backbone.size_divisor)
-SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "faster_rcnn": (256, 288)}
+SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "yolov3": (288, 320), "faster_rcnn": (256, 288)}
 # and what keeps them fast: YOLOv1's paper head (1024-channel convs, an FC of 4096) only slows the matrix;
-# its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through
+# its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through.
+# YOLOv2's and YOLOv3's paper necks (up to 1024 wide) are a large share of their networks: narrow ones test the same.
 OVERRIDES = {"yolov1": ["head.channels=128", "head.fc_width=32", "head.score_threshold=0.0"],
-             "yolov2": ["neck.channels=128"],
+             "yolov2": ["neck.channels=128"], "yolov3": ["neck.channels=64"],
              # Faster R-CNN: VGG16's fc6 of 4096 alone is 103M weights; fewer proposals and RoIs, the same steps
              "faster_rcnn": ["head.fc_width=32", "head.rpn_channels=64", "head.roi_batch_size=64",
                              "head.rpn_pre_nms_top_k={train: 300, test: 300}",
@@ -128,6 +129,10 @@ LOSS_CASES = {
     "yolov2": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
                *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal")),
                *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
+    "yolov3": [*(f"loss.box={b}" for b in ("sse", "smooth_l1", "l1", "iou", "giou", "diou", "ciou")),
+               "loss.box=smooth_l1 head.xy_bce=false",
+               *(f"loss.cls={c}" for c in ("bce", "focal", "ce", "softmax_focal")),
+               *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
     # box: both stages; cls: the RoI head's; obj: the RPN's objectness
     "faster_rcnn": [*(f"loss.box={b}" for b in ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")),
                     *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal")),
@@ -138,7 +143,7 @@ LOSS_CASES = {
 @pytest.mark.parametrize("model,loss", [(m, loss) for m, cases in LOSS_CASES.items() for loss in cases])
 def test_every_loss_of_every_head_trains_a_step(model, loss):
     torch.manual_seed(0)
-    module = build(model, "mobilenet_v1", loss, "backbone.width_mult=0.25")
+    module = build(model, "mobilenet_v1", *loss.split(), "backbone.width_mult=0.25")  # a case may set two keys
     module.train()
     size = size_of(model)
     batch = batch_with_an_empty_image(torch.Generator().manual_seed(3), size=size)

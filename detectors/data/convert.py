@@ -65,7 +65,9 @@ class ImagePlacer:
     """Puts each source image into a destination folder once, under a name unique in that folder.
 
     mode: 'copy', 'symlink' (absolute links, nothing copied) or 'hardlink' (falls back to a copy
-    across file systems). Two different images with one base name get ``name_1.jpg`` and so on.
+    across file systems). Two different images with one base name get ``name_1.jpg`` and so on; so do
+    two whose names differ only in the suffix (``a.jpg``, ``a.png``): VOC's annotation and YOLO's label
+    file are named by the stem, and would overwrite each other.
     """
 
     def __init__(self, mode: str = "copy") -> None:
@@ -81,10 +83,10 @@ class ImagePlacer:
             return self._placed[(folder, src)]
         taken = self._taken.setdefault(folder, set())
         name, k = src.name, 0
-        while name.lower() in taken:  # case-insensitive: the result may land on such a file system
+        while Path(name).stem.lower() in taken:  # case-insensitive: the result may land on such a file system
             k += 1
             name = f"{src.stem}_{k}{src.suffix}"
-        taken.add(name.lower())
+        taken.add(Path(name).stem.lower())
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / name
         if self.mode == "symlink":

@@ -29,6 +29,7 @@ __all__ = [
     "denormalize",
     "draw_sample",
     "image_grid",
+    "label_font",
     "plot_pr_curve",
     "plot_pr_curves",
     "render_samples",
@@ -130,6 +131,9 @@ def draw_sample(
     score_threshold: float = 0.3,
     max_boxes: int = 50,
     frame: Sequence[float] | Tensor | None = None,
+    line_width: int = 2,
+    font: str | None = None,
+    font_size: int | None = None,
 ) -> Tensor:
     """Ground truth and predictions drawn on one image.
 
@@ -143,6 +147,9 @@ def draw_sample(
         max_boxes: at most this many predictions (the best scores) per image, so a picture stays readable.
         frame: ``(scale_x, scale_y, pad_left, pad_top)``, where the image of ``orig_size`` lies in
             ``image`` (the batch's ``frames`` entry); None: a plain resize to the image's size.
+        line_width: of the prediction boxes, in pixels of ``image``.
+        font, font_size: a TrueType file and its size for the labels (:func:`label_font`); None: PIL's
+            small bitmap font, which is lost on a large image.
 
     Returns:
         ``(3, H, W)`` uint8: GT thin black in white, predictions in their class colour with "name score".
@@ -164,9 +171,20 @@ def draw_sample(
         boxes = boxes_to_input(pred["boxes"].detach().float().cpu()[keep], frame)
         labels = pred["labels"].detach().cpu()[keep].tolist()
         text = [f"{class_names[c]} {s:.2f}" for c, s in zip(labels, scores[keep].tolist())]
-        out = draw_bounding_boxes(out, boxes, labels=text, colors=[colors[c] for c in labels], width=2,
-                                  **_FILLED_LABELS)
+        fonts = {"font": font, "font_size": font_size} if font is not None else {}
+        out = draw_bounding_boxes(out, boxes, labels=text, colors=[colors[c] for c in labels], width=line_width,
+                                  **_FILLED_LABELS, **fonts)
     return out
+
+
+def label_font() -> str | None:
+    """A TrueType font for box labels at any size: matplotlib's DejaVu Sans (installed with it), or None."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    except Exception:  # noqa: BLE001 (no font: PIL's bitmap font, smaller but legible)
+        return None
 
 
 def render_samples(

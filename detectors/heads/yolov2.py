@@ -9,25 +9,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.assign import cells_of_centres, gather_gt, owner_of_slots, shape_iou
-from detectors.boxes import GridCoder, batched_box_iou, clip_boxes, paired_box_iou
+from detectors.anchors import YOLOAnchors
+from detectors.assign import GridTargets, assign_to_grid
+from detectors.boxes import GridCoder, clip_boxes, paired_box_iou
 from detectors.losses import (
     BOX_LOSSES,
     CLASS_LOSSES,
     IOU_LOSSES,
     OBJECTNESS_LOSSES,
-    SIGMOID_CLASS_LOSSES,
     box_regression_loss,
     choose_losses,
+    class_probabilities,
+    label_class_loss,
     objectness_loss,
-    sigmoid_class_loss,
-    softmax_focal_loss,
 )
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
+
+__all__ = ["VOC_ANCHORS_416", "GridTargets", "YOLOv2Head", "YOLOv2Raw"]
 
 # the paper's VOC anchors (darknet's yolov2-voc.cfg, in 13x13 grid cells) in pixels of a 416 x 416 input
 VOC_ANCHORS_416 = ((42.31, 55.41), (102.17, 128.30), (161.79, 259.17), (303.08, 154.90), (359.56, 320.23))
@@ -39,26 +40,6 @@ class YOLOv2Raw:
     class logits per cell and anchor, before any activation."""
 
     output: Tensor
-
-
-@dataclass
-class GridTargets:
-    """What the region layer's assignment gives each prediction slot (all (B, h, w, A[, k])).
-
-    positive: the slot is responsible for a ground truth; weight: that ground truth's per-box weight
-    (0 elsewhere); offsets, log_wh: the coder's targets; box_scale: 2 - w h (w, h as fractions of the
-    image); labels: class index; ignore: a non-responsible slot whose box overlaps some ground truth
-    by more than the ignore threshold (no objectness loss); boxes: the matched ground truth.
-    """
-
-    positive: Tensor
-    weight: Tensor
-    offsets: Tensor
-    log_wh: Tensor
-    box_scale: Tensor
-    labels: Tensor
-    ignore: Tensor
-    boxes: Tensor
 
 
 class YOLOv2Head(nn.Module):
@@ -117,12 +98,8 @@ class YOLOv2Head(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if len(in_channels) != 1:
             raise ValueError(f"the YOLOv2 head predicts on one map, the neck gives {len(in_channels)}")
-        anchors_t = torch.tensor(anchors, dtype=torch.float32)
-        if anchors_t.ndim != 2 or anchors_t.shape[1] != 2 or (anchors_t <= 0).any():
-            raise ValueError(f"head.anchors must be a list of positive [w, h] pairs, got {anchors}")
+        self.yolo_anchors = YOLOAnchors(anchors, input_size, num_levels=1)
         self.num_classes = num_classes
-        self.anchors = anchors_t
-        self.input_size = (int(input_size[0]), int(input_size[1]))
         self.coord_scale, self.object_scale = coord_scale, object_scale
         self.noobject_scale, self.class_scale = noobject_scale, class_scale
         self.ignore_threshold = ignore_threshold
@@ -132,7 +109,7 @@ class YOLOv2Head(nn.Module):
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         self.coder = GridCoder()
-        num_anchors = len(anchors_t)
+        num_anchors = len(self.anchors)
         self.predictor = nn.Conv2d(in_channels[0], num_anchors * (5 + num_classes), 1)
         nn.init.normal_(self.predictor.weight, std=0.01)
         nn.init.zeros_(self.predictor.bias)
@@ -140,7 +117,15 @@ class YOLOv2Head(nn.Module):
             self.predictor.bias.view(num_anchors, 5 + num_classes)[:, 4] = math.log(0.01 / 0.99)
         # training images seen, for the prior-matching term; in the state dict, so a resumed run goes on counting
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
-        self._anchor_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def anchors(self) -> Tensor:
+        """(A, 2) the anchors in pixels of an input of ``input_size``."""
+        return self.yolo_anchors.anchors
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.yolo_anchors.input_size
 
     @property
     def num_anchors(self) -> int:
@@ -155,11 +140,7 @@ class YOLOv2Head(nn.Module):
 
     def anchors_for(self, image_size: tuple[int, int], device: torch.device) -> Tensor:
         """(A, 2) anchor sizes in pixels of an input of ``image_size``: scaled with the image."""
-        key = (tuple(image_size), str(device))
-        if key not in self._anchor_cache:
-            scale = torch.tensor([image_size[1] / self.input_size[1], image_size[0] / self.input_size[0]])
-            self._anchor_cache[key] = (self.anchors * scale).to(device)
-        return self._anchor_cache[key]
+        return self.yolo_anchors.scaled(image_size, device)
 
     def decode(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> Tensor:
         """(B, h, w, A, 4) xyxy boxes in pixels of the input."""
@@ -168,45 +149,21 @@ class YOLOv2Head(nn.Module):
                                  image_size)
 
     def assign(self, pred_boxes: Tensor, targets: dict[str, Tensor], image_size: tuple[int, int]) -> GridTargets:
-        """darknet's region-layer assignment for the whole batch.
-
-        Each ground truth (not difficult) is learnt by the anchor of best shape IoU (centres aligned; ties:
-        the first) at the cell of its centre; when two claim one slot the later one keeps it (darknet's
-        loop over truths overwrites). Every other prediction whose box overlaps any ground truth
-        (difficult ones included) by more than ``ignore_threshold`` is ignored by the no-object loss.
+        """darknet's region-layer assignment for the whole batch (``detectors.assign.assign_to_grid`` on
+        one grid): each ground truth (not difficult) is learnt by the anchor of best shape IoU at the cell
+        of its centre, the later of two keeps a slot, and predictions overlapping any ground truth by more
+        than ``ignore_threshold`` are ignored by the no-object loss.
 
         pred_boxes: (B, h, w, A, 4) decoded, detached; targets: boxes (B, M, 4), labels, mask, weights
-        (B, M), optional difficult (B, M).
+        (B, M), optional difficult (B, M) -> GridTargets of (B, h, w, A[, k]).
         """
         batch, grid_h, grid_w, num_anchors, _ = pred_boxes.shape
-        anchors = self.anchors_for(image_size, pred_boxes.device)
-        boxes, mask = targets["boxes"].float(), targets["mask"]
-        difficult = targets.get("difficult")
-        claims = mask if difficult is None else mask & ~difficult
-
-        row, col = cells_of_centres(boxes, (grid_h, grid_w), image_size)
-        best_anchor = shape_iou(boxes[..., 2:] - boxes[..., :2], anchors).argmax(-1)  # (B, M)
-        slot = (row * grid_w + col) * num_anchors + best_anchor
-        owner = owner_of_slots(slot, claims, grid_h * grid_w * num_anchors, keep="last")  # (B, N)
-        positive = owner >= 0
+        grid = self.yolo_anchors.grid([(grid_h, grid_w)], image_size, pred_boxes.device)
+        t = assign_to_grid(pred_boxes.reshape(batch, -1, 4), targets, grid,
+                           self.anchors_for(image_size, pred_boxes.device), image_size, self.ignore_threshold,
+                           self.coder)
         shape = (batch, grid_h, grid_w, num_anchors)
-        matched = gather_gt(boxes, owner).view(*shape, 4)
-        weight = (gather_gt(targets["weights"].float(), owner) * positive).view(shape)
-        labels = gather_gt(targets["labels"], owner).clamp(min=0).view(shape)
-
-        rows = torch.arange(grid_h, device=boxes.device).view(1, -1, 1, 1)
-        cols = torch.arange(grid_w, device=boxes.device).view(1, 1, -1, 1)
-        offsets, log_wh = self.coder.encode(matched, rows, cols, anchors, (grid_h, grid_w), image_size)
-        wh_fraction = (matched[..., 2:] - matched[..., :2]) / matched.new_tensor([image_size[1], image_size[0]])
-        box_scale = 2.0 - wh_fraction.prod(-1)
-
-        if boxes.shape[1]:
-            overlap = batched_box_iou(pred_boxes.reshape(batch, -1, 4), boxes).masked_fill(~mask[:, None, :], 0)
-            ignore = (overlap.amax(-1) > self.ignore_threshold).view(shape)
-        else:
-            ignore = torch.zeros(shape, dtype=torch.bool, device=boxes.device)
-        positive = positive.view(shape)
-        return GridTargets(positive, weight, offsets, log_wh, box_scale, labels, ignore & ~positive, matched)
+        return GridTargets(*(v.view(*shape, *v.shape[2:]) for v in vars(t).values()))
 
     def loss(self, raw: YOLOv2Raw, targets: dict[str, Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
         """darknet's region loss over the batch, divided by the batch size.
@@ -237,22 +194,13 @@ class YOLOv2Head(nn.Module):
             loss_obj = self.object_scale * (t.weight * self._objectness(objectness, iou)).sum()
             noobj = ~t.positive & ~t.ignore
             loss_noobj = self.noobject_scale * (noobj * self._objectness(objectness, torch.zeros_like(iou))).sum()
-            loss_cls = self.class_scale * (t.weight * self._classification(class_logits, t.labels)).sum()
+            loss_cls = self.class_scale * (t.weight * label_class_loss(self.losses, class_logits, t.labels)).sum()
             terms = {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
                      "loss_cls": loss_cls / batch}
             return {"loss": sum(terms.values()), **terms, "num_positives": t.positive.sum().float()}
 
     def _objectness(self, logits: Tensor, target: Tensor) -> Tensor:
         return objectness_loss(self.losses.obj, logits, target, self.losses.focal_alpha, self.losses.focal_gamma)
-
-    def _classification(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Per-slot class loss (B, h, w, A) of logits (B, h, w, A, C) against labels (B, h, w, A)."""
-        if self.losses.cls == "ce":
-            return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
-        if self.losses.cls == "softmax_focal":
-            return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), self.losses.focal_gamma).view_as(labels)
-        one_hot = F.one_hot(labels, self.num_classes)
-        return sigmoid_class_loss(self.losses.cls, logits, one_hot, self.losses.focal_alpha, self.losses.focal_gamma).sum(-1)
 
     @torch.no_grad()
     def predict(self, raw: YOLOv2Raw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -263,8 +211,7 @@ class YOLOv2Head(nn.Module):
         """
         out = raw.output.float()
         batch = out.shape[0]
-        classes = out[..., 5:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else out[..., 5:].softmax(-1)
-        scores = out[..., 4:5].sigmoid() * classes  # (B, h, w, A, C)
+        scores = out[..., 4:5].sigmoid() * class_probabilities(self.losses, out[..., 5:])  # (B, h, w, A, C)
         boxes = clip_boxes(self.decode(raw, image_size), image_size)
         return multiclass_nms(boxes.reshape(batch, -1, 4), scores.reshape(batch, -1, self.num_classes),
                               self.score_threshold, self.nms_threshold, self.pre_nms_top_k, self.max_detections)

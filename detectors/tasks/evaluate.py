@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detectors.callbacks.evaluation_writer import EvaluationWriter
-from detectors.checkpoints import check_fits, load_checkpoint
+from detectors.checkpoints import load_checkpoint, restore_model
 from detectors.evaluation.report import format_report
 from detectors.evaluation.results import category_ids_of
 from detectors.noise import silence_known_noise
@@ -52,19 +52,8 @@ def evaluate(cfg: DictConfig) -> dict:
     with open_dict(run):
         run.data.batch_size = run.data.eval_batch_size = cfg.batch_size
         run.data.num_workers = cfg.num_workers
-        run.backbone.weights = None  # the checkpoint holds the weights; never download
-        run.model.detector.backbone.weights = None
     datamodule = hydra.utils.instantiate(run.data)
-    try:
-        model = hydra.utils.instantiate(run.model, run_config=OmegaConf.to_yaml(run))
-    except Exception as e:  # noqa: BLE001 (any config this code cannot build)
-        raise ValueError(
-            f"the model stored in {cfg.ckpt_path} cannot be built by this version of detectors "
-            f"({str(e).splitlines()[0]}); checkpoints written before the backbone contract (neck/head configs "
-            "with channel lists) need the version that wrote them"
-        ) from None
-    check_fits(model, ckpt["state_dict"], cfg.ckpt_path)
-    model.load_state_dict(ckpt["state_dict"])
+    model = restore_model(ckpt, run, cfg.ckpt_path)
 
     writer = build_writer(cfg, datamodule, len(class_names))
     trainer = L.Trainer(

@@ -58,6 +58,13 @@ def _number(x: Any) -> bool:
     return type(x) in (int, float) and math.isfinite(x)
 
 
+def split_paths(root: Path, spec: SplitPaths) -> tuple[Path, Path]:
+    """(annotation file, image folder) of a split given as ``spec`` (see ``COCOSource``'s ``splits``)."""
+    if isinstance(spec, str):
+        return root / "annotations" / f"instances_{spec}.json", root / spec
+    return root / spec["annotations"], root / spec["images"]
+
+
 class COCOSource:
     """A COCO-format dataset, one pycocotools ``COCO`` per split.
 
@@ -118,10 +125,7 @@ class COCOSource:
         """(annotation file, image folder) of ``split``."""
         if split not in self.splits:
             raise KeyError(f"no COCO files configured for split {split!r} (have {sorted(self.splits)})")
-        spec = self.splits[split]
-        if isinstance(spec, str):
-            return self.root / "annotations" / f"instances_{spec}.json", self.root / spec
-        return self.root / spec["annotations"], self.root / spec["images"]
+        return split_paths(self.root, self.splits[split])
 
     def coco(self, split: str) -> COCO:
         """The split's pycocotools index, holding only the entries that passed validation.
