@@ -50,8 +50,10 @@ class RoIBoxHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def pool(self, feat: Tensor, rois: Tensor) -> Tensor:
-        """feat (B, C, h, w), rois (K, 5) = (image index, x1, y1, x2, y2) in input pixels -> (K, C, s, s)."""
-        rois = rois.to(feat.dtype)
+        """feat (B, C, h, w), rois (K, 5) = (image index, x1, y1, x2, y2) in input pixels -> (K, C, s, s)
+        float32: the op wants one dtype, and bf16 coordinates would be 2 to 4 px off at 600 px (torchvision's
+        autocast wrapper casts both to float32 too)."""
+        feat, rois = feat.float(), rois.float()
         if self.use_roi_pool:
             return roi_pool(feat, rois, self.output_size, self.spatial_scale)
         return roi_align(feat, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
