@@ -13,13 +13,17 @@ SMALL = ["model=faster_rcnn", "backbone=mobilenet_v2", "input_size=[256,256]", "
 
 @pytest.mark.slow
 def test_overfit_preset_fits_two_images(tmp_path):
-    out = run("train.py", *SMALL, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
-              "optimizer=adamw", "optimizer.lr=0.001", "trainer.max_epochs=60", "trainer.check_val_every_n_epoch=60",
-              run_dir(tmp_path, "overfit"))
+    """120 steps: the training-mode fit is there by step 60 or so, but the backbone's BatchNorm running statistics
+    trail weights that move this fast, and the fc layers of the RoI head, fitted to two images, follow any shift
+    of their features; evaluation (running statistics) catches up once the cosine schedule has slowed the weights
+    (a 160 px pilot: eval mAP@0.5 0 at step 60, 1.0 from step 110; with its BN statistics refreshed, 0.96 at 60)."""
+    run("train.py", *SMALL, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2", "optimizer=adamw",
+        "optimizer.lr=0.001", "trainer.max_epochs=120", "trainer.check_val_every_n_epoch=40",
+        run_dir(tmp_path, "overfit"))
     rows = read_metrics(tmp_path / "overfit")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [float(r["val/map_50"]) for r in rows if r.get("val/map_50")]
-    assert len(losses) == 60 and losses[-1] < 0.3 * losses[0], out[-3000:]
+    assert len(losses) == 120 and losses[-1] < 0.2 * losses[0], losses[::10]
     assert val[-1] >= 0.9, (val, losses[::10])
 
 
