@@ -1,4 +1,5 @@
-"""Priors (default boxes) computed from feature-map shapes at run time, and anchors clustered from data.
+"""Priors (default boxes) and RPN anchors computed from feature-map shapes at run time, and anchors clustered
+from data.
 
 Computing them from the shapes the network actually produced, instead of a
 table for one input size, is what lets every head train at any input size
@@ -110,6 +111,54 @@ class SSDPriors:
             levels.append(torch.cat([centres, sizes], dim=-1).reshape(-1, 4))
         priors = torch.cat(levels) * torch.tensor([width, height, width, height], dtype=torch.float64)
         return priors.float()
+
+
+class RPNAnchors:
+    """Faster R-CNN's anchors (Ren et al. 2015, sec. 3.1.1 "Anchors"): at every cell of the stride-``s``
+    map, one anchor per (aspect ratio, size) pair, of area ``size ** 2`` and ``h / w = ratio`` (the
+    paper's 3 sizes 128, 256, 512 px and ratios 1:2, 1:1, 2:1: k = 9 per cell).
+
+    The anchors of cell (i, j) are centred at ((j + 0.5) s, (i + 0.5) s): the centre of the cell's
+    s x s pixels, as the paper's base anchor [0, 0, 15, 15] (inclusive pixels, centre 7.5 + 0.5 in
+    continuous coordinates); torchvision puts them on the cell's top-left corner (j s, i s). Sizes
+    are in pixels of the network input, not rounded (torchvision rounds the base anchors).
+
+    Anchors come back as (h w k, 4) ``cxcywh`` in pixels, ordered row-major over cells, then by ratio,
+    then by size within a cell (torchvision's ``AnchorGenerator`` order), the order ``RPNHead``
+    flattens its outputs in; cached by (feature shape, stride, device, dtype).
+    """
+
+    def __init__(self, sizes: Sequence[float] = (128.0, 256.0, 512.0),
+                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)):
+        if not sizes or not aspect_ratios or min(sizes) <= 0 or min(aspect_ratios) <= 0:
+            raise ValueError(f"anchor sizes and aspect ratios must be positive, got {sizes}, {aspect_ratios}")
+        self.sizes = tuple(float(s) for s in sizes)
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self._cache: dict[tuple, Tensor] = {}
+
+    @property
+    def num_anchors_per_cell(self) -> int:
+        return len(self.sizes) * len(self.aspect_ratios)
+
+    def cell_shapes(self) -> Tensor:
+        """(k, 2) anchor widths and heights in pixels, ratio-major: w = size / sqrt(r), h = size sqrt(r)."""
+        ratios = torch.tensor(self.aspect_ratios, dtype=torch.float64).sqrt()[:, None]
+        sizes = torch.tensor(self.sizes, dtype=torch.float64)[None, :]
+        return torch.stack([(sizes / ratios).flatten(), (sizes * ratios).flatten()], dim=-1)
+
+    def __call__(self, feature_shape: tuple[int, int], stride: float, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+        """feature_shape (h, w), stride in pixels -> (h w k, 4) cxcywh pixels."""
+        key = (tuple(feature_shape), float(stride), str(device), dtype)
+        if key not in self._cache:
+            fh, fw = feature_shape
+            cy, cx = torch.meshgrid((torch.arange(fh, dtype=torch.float64) + 0.5) * stride,
+                                    (torch.arange(fw, dtype=torch.float64) + 0.5) * stride, indexing="ij")
+            wh = self.cell_shapes()
+            centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, len(wh), 2)
+            anchors = torch.cat([centres, wh.expand(fh * fw, -1, 2)], dim=-1).reshape(-1, 4)
+            self._cache[key] = anchors.to(device=device, dtype=dtype)
+        return self._cache[key]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -95,6 +95,90 @@ def gather_gt(values: Tensor, gt_index: Tensor) -> Tensor:
     return values.gather(1, expanded)
 
 
+# ---- threshold matching and balanced sampling (Faster R-CNN's RPN and RoI head) -------------------
+
+@dataclass
+class ThresholdMatch:
+    """Result of ``match_by_threshold`` for a batch (all (B, N)).
+
+    gt_index: long, each reference box's best ground truth (its GT of highest IoU; meaningful where
+        ``positive``). positive / negative: bool, foreground / background candidates (neither: ignored).
+    iou: that best IoU, 0 for images without ground truth.
+    """
+
+    gt_index: Tensor
+    positive: Tensor
+    negative: Tensor
+    iou: Tensor
+
+
+def match_by_threshold(boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, fg_iou: float, bg_iou: float,
+                       bg_iou_low: float = 0.0, best_match: bool = False) -> ThresholdMatch:
+    """Faster R-CNN's labelling of anchors or proposals by IoU (Ren et al. 2015, sec. 3.1.2), batched.
+
+    A box whose best IoU with a ground truth is ``>= fg_iou`` is positive; one whose best IoU is in
+    ``[bg_iou_low, bg_iou)`` negative; the rest ignored. With ``best_match`` (the RPN's rule) every
+    ground truth also makes positive the box(es) of highest IoU with it, ties included, as
+    torchvision's ``Matcher(allow_low_quality_matches=True)``; such a box learns its own best ground
+    truth (py-faster-rcnn and torchvision alike), and a ground truth overlapping no box at all makes
+    none positive (torchvision would make every box of IoU 0 positive). Images without ground truth:
+    every box has IoU 0.
+
+    Args:
+        boxes: (N, 4) xyxy shared by every image (anchors) or (B, N, 4) per image (proposals).
+        gt_boxes: (B, M, 4) xyxy, padded; gt_mask: (B, M) bool.
+    Returns:
+        ThresholdMatch of (B, N) tensors.
+    """
+    batch, num_gt = gt_mask.shape
+    num_boxes = boxes.shape[-2]
+    if num_gt == 0:
+        zeros = torch.zeros(batch, num_boxes, device=boxes.device)
+        return ThresholdMatch(zeros.long(), zeros.bool(), (zeros < bg_iou) & (zeros >= bg_iou_low), zeros)
+    iou = batched_box_iou(gt_boxes.float(), boxes.float())  # (B, M, N)
+    iou = iou.masked_fill(~gt_mask.unsqueeze(-1), -1.0)  # padding: below every real IoU
+    best_iou = iou.amax(dim=1).clamp(min=0)  # (B, N); 0 where the image has no ground truth
+    gt_index = iou.argmax(dim=1)
+    positive = best_iou >= fg_iou
+    negative = (best_iou < bg_iou) & (best_iou >= bg_iou_low)
+    if best_match:
+        best_of_gt = iou.amax(dim=2, keepdim=True)  # (B, M, 1)
+        is_best = (iou == best_of_gt) & (best_of_gt > 0) & gt_mask.unsqueeze(-1)
+        positive = positive | is_best.any(dim=1)
+        negative = negative & ~positive
+    return ThresholdMatch(gt_index, positive, negative, best_iou)
+
+
+def sample_balanced(positive: Tensor, negative: Tensor, num_samples: int,
+                    positive_fraction: float) -> tuple[Tensor, Tensor]:
+    """Up to ``num_samples`` boxes per image, at most ``positive_fraction`` of them positive, drawn
+    uniformly at random; negatives fill the rest (torchvision's ``BalancedPositiveNegativeSampler``,
+    batched: random keys, and each row's best ranks against its own quota; no loop over images).
+
+    positive, negative: (B, N) bool, disjoint -> (sampled positives, sampled negatives), (B, N) bool.
+    Per image: ``min(#positive, int(num_samples * positive_fraction))`` positives and
+    ``min(#negative, num_samples - positives taken)`` negatives. Draws from torch's global generator
+    (seeded by the run, restored on resume).
+    """
+    max_positive = int(num_samples * positive_fraction)
+    num_pos = positive.sum(1).clamp(max=max_positive)
+    num_neg = torch.minimum(num_samples - num_pos, negative.sum(1))
+    return _random_subset(positive, num_pos, max_positive), _random_subset(negative, num_neg, num_samples)
+
+
+def _random_subset(candidates: Tensor, count: Tensor, max_count: int) -> Tensor:
+    """(B, N) bool candidates, (B,) how many to take (<= candidates per row) -> (B, N) bool, the taken."""
+    taken = torch.zeros_like(candidates)
+    k = min(max_count, candidates.shape[1])
+    if k == 0:
+        return taken
+    # candidates get keys in [0, 1), the rest -1: a row's top-k lists its candidates first, in random order
+    keys = torch.rand(candidates.shape, device=candidates.device).masked_fill(~candidates, -1.0)
+    top = keys.topk(k, dim=1).indices
+    rank = torch.arange(k, device=candidates.device)
+    return taken.scatter_(1, top, rank < count.unsqueeze(1))
+
+
 # ---- grid assignment (YOLO heads) ----------------------------------------------------------------
 
 def cells_of_centres(boxes: Tensor, grid_shape: tuple[int, int], image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from detectors.data.records import Record
 from detectors.data.transforms import PRESETS, MinIoURandomCrop, build_transform, ssd_photometric
 
 PRESET_ARGS = {"ssd": {}, "yolo": {"fill": (114, 114, 114), "min_visibility": 0.1, "min_box_size": 2.0}, "none": {},
+               "flip": {"flip_prob": 1.0},
                "letterbox": {"fill": (114, 114, 114)}}
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -102,10 +103,11 @@ def test_boxes_follow_the_pixels(preset, scene):
 
 
 # A mask edge sits on the pixel grid: within 1 px of the true edge after one nearest-neighbour
-# resampling (ssd: zoom-out and crop are exact, then one resize; letterbox: one resize, an exact pad),
+# resampling (ssd: zoom-out and crop are exact, then one resize; letterbox: one resize, an exact pad; flip:
+# one resize, an exact flip),
 # within 1 x 1.5 + 1 after two with an up-scaling affine warp of up to 1.5 between them (yolo:
 # letterbox, then affine).
-MASK_TOLERANCE = {"none": 1.0 + 1e-6, "ssd": 1.0 + 1e-6, "yolo": 2.5, "letterbox": 1.0 + 1e-6}
+MASK_TOLERANCE = {"none": 1.0 + 1e-6, "flip": 1.0 + 1e-6, "ssd": 1.0 + 1e-6, "yolo": 2.5, "letterbox": 1.0 + 1e-6}
 
 
 def _normalised(boxes, h, w):

@@ -30,9 +30,13 @@ FORWARD_SIZE = (264, 280)
 # ... or on the size a head needs: None is the config's own input_size (YOLOv1's FC is built for that one
 # size), YOLOv2's and YOLOv3's grids take multiples of 32
 FORWARD_SIZES = {"detectors.heads.yolov1.YOLOv1Head": None, "detectors.heads.yolov2.YOLOv2Head": (288, 320),
-                 "detectors.heads.yolov3.YOLOv3Head": (288, 320)}
+                 "detectors.heads.yolov3.YOLOv3Head": (288, 320),
+                 # Faster R-CNN's proposals are clipped to its stride-16 map: multiples of 16
+                 "detectors.heads.faster_rcnn.FasterRCNNHead": (256, 272)}
 # YOLOv1's paper FC (4096 units, 205M weights at 448 px) only slows the test down
 SMALL_YOLOV1 = ["head.fc_width=64"]
+# and Faster R-CNN's (VGG16's fc6: 103M weights)
+SMALL_RCNN = ["head.fc_width=64"]
 # options that need a partner to make a model (the neck's levels must be the priors' levels)
 PARTNERS = {
     ("neck", "ssd512_extras"): ["model=ssd512"],
@@ -45,6 +49,8 @@ PARTNERS = {
     ("head", "yolov3"): ["model=yolov3"],
     ("head", "yolov1"): ["model=yolov1", *SMALL_YOLOV1],
     ("model", "yolov1"): SMALL_YOLOV1,
+    ("head", "faster_rcnn"): ["model=faster_rcnn", *SMALL_RCNN],
+    ("model", "faster_rcnn"): SMALL_RCNN,
 }
 
 

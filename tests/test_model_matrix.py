@@ -18,13 +18,18 @@ BACKBONES = sorted(p.stem for p in (CONFIGS / "backbone").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 SIZE = (264, 296)  # (H, W): small, non-square, and above SSD300's smallest input (257 px)
 # models whose input size is constrained: YOLOv1's FC is built for one size (any, as long as it is the
-# one it runs at: small and non-square here too), YOLOv2's and YOLOv3's grids need multiples of 32
-SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "yolov3": (288, 320)}
+# one it runs at: small and non-square here too), YOLOv2's and YOLOv3's grids need multiples of 32,
+# and Faster R-CNN's proposals are clipped to its stride-16 map's extent: multiples of 16 (backbone.size_divisor)
+SIZES = {"yolov1": (224, 288), "yolov2": (288, 320), "yolov3": (288, 320), "faster_rcnn": (256, 288)}
 # and what keeps them fast: YOLOv1's paper head (1024-channel convs, an FC of 4096) only slows the matrix;
 # its untrained scores (confidence x class, both near 0) stay under the threshold: 0 lets boxes through.
 # YOLOv2's and YOLOv3's paper necks (up to 1024 wide) are a large share of their networks: narrow ones test the same.
 OVERRIDES = {"yolov1": ["head.channels=128", "head.fc_width=32", "head.score_threshold=0.0"],
-             "yolov2": ["neck.channels=128"], "yolov3": ["neck.channels=64"]}
+             "yolov2": ["neck.channels=128"], "yolov3": ["neck.channels=64"],
+             # Faster R-CNN: VGG16's fc6 of 4096 alone is 103M weights; fewer proposals and RoIs, the same steps
+             "faster_rcnn": ["head.fc_width=32", "head.rpn_channels=64", "head.roi_batch_size=64",
+                             "head.rpn_pre_nms_top_k={train: 300, test: 300}",
+                             "head.rpn_post_nms_top_k={train: 200, test: 100}"]}
 NUM_CLASSES = 3
 
 
@@ -128,6 +133,10 @@ LOSS_CASES = {
                "loss.box=smooth_l1 head.xy_bce=false",
                *(f"loss.cls={c}" for c in ("bce", "focal", "ce", "softmax_focal")),
                *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
+    # box: both stages; cls: the RoI head's; obj: the RPN's objectness
+    "faster_rcnn": [*(f"loss.box={b}" for b in ("smooth_l1", "l1", "sse", "iou", "giou", "diou", "ciou")),
+                    *(f"loss.cls={c}" for c in ("ce", "softmax_focal", "bce", "focal")),
+                    *(f"loss.obj={o}" for o in ("bce", "sse", "focal"))],
 }
 
 
@@ -156,3 +165,5 @@ def test_a_loss_the_head_cannot_take_stops_the_build_in_one_line():
         build("ssdlite", "mobilenet_v1", "loss.obj=bce")
     with pytest.raises(Exception, match="loss.box=mse does not fit the YOLOv2 head"):
         build("yolov2", "mobilenet_v1", "loss.box=mse")
+    with pytest.raises(Exception, match="loss.cls=sse does not fit the Faster R-CNN head"):
+        build("faster_rcnn", "mobilenet_v1", "loss.cls=sse")

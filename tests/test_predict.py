@@ -351,6 +351,9 @@ def test_predictions_equal_evaluations_on_the_same_files(checkpoints, tmp_path, 
                 "head.fc_width=32", "head.score_threshold=0.0"]),
     ("yolov2", ["backbone=mobilenet_v2", "backbone.width_mult=0.25", "input_size=[160,192]", "neck.channels=32",
                 "head.score_threshold=0.0"]),
+    ("faster_rcnn", ["backbone=mobilenet_v2", "backbone.width_mult=0.25", "input_size=[160,192]",
+                     "head.anchor_sizes=[32,64,128]", "head.rpn_channels=32", "head.fc_width=32",
+                     "head.score_threshold=0.0"]),
 ])
 def test_every_head_predicts_from_its_checkpoint(model, overrides, odd_folder, tmp_path):
     ckpt = save_checkpoint(tmp_path / f"{model}.ckpt", model, *overrides)

@@ -22,7 +22,7 @@ import torch
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 from torchvision.ops import box_iou
 
-PRESETS = ("ssd", "yolo", "none", "letterbox")
+PRESETS = ("ssd", "yolo", "none", "letterbox", "flip")
 # evaluation resize (``eval_resize`` of configs/augment/) -> the preset that does only that
 EVAL_PRESETS = {"stretch": "none", "letterbox": "letterbox"}
 
@@ -207,6 +207,7 @@ def build_transform(
         'yolo': letterbox resize (aspect kept, padded with ``fill``), random scale (``scale_range``)
             and translation (+-``translate`` of the side) in one affine warp, HSV jitter
             (``hsv_gains`` = hue, saturation, value as in YOLOv5's hyp.scratch), horizontal flip.
+        'flip': resize, horizontal flip (``flip_prob``): Faster R-CNN's only augmentation.
         'none': resize only (evaluation with ``eval_resize`` 'stretch').
         'letterbox': letterbox only (evaluation with ``eval_resize`` 'letterbox', as after 'yolo').
     ``min_visibility`` and ``min_box_size`` (pixels) decide which boxes are dropped (see the module doc).
@@ -234,6 +235,8 @@ def build_transform(
             yolo_hsv(*hsv_gains),
             A.HorizontalFlip(p=flip_prob),
         ]
+    elif preset == "flip":
+        ops = [resize, A.HorizontalFlip(p=flip_prob)]
     elif preset == "none":
         ops = [resize]
     elif preset == "letterbox":
