@@ -55,6 +55,7 @@ step train_ssd300 45 python benchmarks/train_throughput.py --warmup 3 --iters 10
 step train_ssd300_vgg16 30 python benchmarks/train_throughput.py --warmup 3 --iters 8 --json "$LOGS/throughput_vgg16.json" backbone=vgg16
 step step_yolov2 30 python benchmarks/step_breakdown.py --model yolov2 --warmup 3 --iters 10 --json "$LOGS/step_yolov2.json"
 step step_yolov3 30 python benchmarks/step_breakdown.py --model yolov3 --warmup 3 --iters 10 --json "$LOGS/step_yolov3.json"
+step rcnn 60 python benchmarks/rcnn_throughput.py --warmup 3 --iters 8 --json "$LOGS/rcnn.json"
 step backbones 45 python benchmarks/backbones.py --warmup 2 --iters 8 --json "$LOGS/backbones.json"
 step loop_ssd300 35 python benchmarks/loop_throughput.py --warmup 5 --iters 20 --json "$LOGS/loop.json"
 step loop_ssdlite 35 python benchmarks/loop_throughput.py --size 320 --warmup 5 --iters 20 --json "$LOGS/loop_ssdlite.json" model=ssdlite
@@ -102,7 +103,7 @@ cp "$SUMMARY" "$OUT/"
 echo
 echo "==== summary (full logs in logs.tar.gz) ===="
 cat "$SUMMARY"
-for f in train_ssd300 train_ssd300_vgg16 step_yolov2 step_yolov3; do grep -E "img/s|ms/step|^ours|^torchvision|^full|^network|^backbone|share|/ torch" "$LOGS/$f.log" 2>/dev/null | tail -n 8; done
+for f in train_ssd300 train_ssd300_vgg16 step_yolov2 step_yolov3 rcnn; do grep -E "img/s|ms/step|^ours|^torchvision|^full|^network|^backbone|share|^VGG16|overhead|/ torch" "$LOGS/$f.log" 2>/dev/null | tail -n 8; done
 grep -E "^\| " "$LOGS/backbones.log" 2>/dev/null | tail -n 14
 for f in loop_ssd300 loop_ssdlite inference; do tail -n 4 "$LOGS/$f.log" 2>/dev/null; done
 for r in shapes bccd; do

@@ -123,3 +123,21 @@ def test_backbone_benchmark_times_ours_beside_torchvision_on_the_same_architectu
             assert cells[5:] == ["n/a", "n/a (no torchvision model)"]
         else:
             assert cells[5:] == [f"{row['torchvision']:.1f}", f"{row['ours'] / row['torchvision']:.2f}x"]
+
+
+@pytest.mark.slow
+def test_rcnn_throughput_times_ours_torchvision_and_the_floor(tmp_path, capsys):
+    import rcnn_throughput
+
+    out = rcnn_throughput.main(["--device", "cpu", "--batch", "1", "--height", "128", "--width", "192", "--warmup", "0",
+                                "--iters", "1", "--no-amp", "--num-classes", "3", "--json", str(tmp_path / "r.json")])
+    rows = ["ours", "torchvision FasterRCNN", "VGG16 conv5_3 fwd+bwd (floor)"]
+    assert list(out) == rows and all(v > 0 for v in out.values())
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["size"] == [128, 192] and written["speedup"] == pytest.approx(out["ours"] / out[rows[1]], rel=1e-12)
+    # the overheads are the steps' times beyond the floor's
+    for who, key in (("ours", "ours"), ("torchvision", rows[1])):
+        assert written["overhead_s"][who] == pytest.approx(1 / out[key] - 1 / out[rows[2]], rel=1e-9)
+    text = capsys.readouterr().out
+    assert "Faster R-CNN training step, VGG16 conv5_3, batch 1, 128x192, fp32, cpu" in text
+    assert list(printed_rows(text, rows, 2)) == rows
