@@ -6,6 +6,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# float32 on every CPU, whether or not it has native bf16 (detectors.config.auto_precision): the tests'
+# numbers and thresholds do not depend on the machine; train.py and evaluate.py runs inherit it
+os.environ["DETECTORS_CPU_PRECISION"] = "32-true"
 sys.path.insert(0, str(ROOT))
 
 BCCD = Path(os.environ.get("BCCD_ROOT", ROOT.parent / "shared" / "datasets" / "BCCD"))

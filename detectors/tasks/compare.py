@@ -44,10 +44,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 
 from detectors.evaluation.plots import safe_filename
+from detectors.flops import forward_gflops
 from detectors.noise import silence_known_noise
 from detectors.tasks.compare_plots import (
     RunCurves,
@@ -76,7 +75,7 @@ from detectors.tasks.run_folder import (
     run_config,
 )
 
-__all__ = ["forward_gflops", "main", "model_facts", "read_run"]
+__all__ = ["main", "model_facts", "read_run"]
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +95,6 @@ def loss_terms(head: torch.nn.Module, config: DictConfig) -> str | None:
         if name is not None:
             parts.append(f"{term} {name}" + ("" if configured.get(term) else " (default)"))
     return ", ".join(parts)
-
-
-def forward_gflops(detector: torch.nn.Module, input_size: Sequence[int]) -> float:
-    """Forward GFLOPs of one image of ``input_size`` (H, W): 2 x multiply-adds as ``torch.utils.flop_counter``
-    counts them (benchmarks/backbones.py's count). The forward runs on the meta device (shapes only, as
-    ``DetectionModule._check_input_size`` runs it), on the CPU where an op has no meta kernel."""
-    detector = detector.eval()
-    counter = FlopCounterMode(display=False)
-    tensors = {**dict(detector.named_parameters()), **dict(detector.named_buffers())}
-    meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
-    try:
-        with counter, torch.no_grad():
-            functional_call(detector, meta, (torch.empty(1, 3, *input_size, device="meta"),))
-    except NotImplementedError:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            detector(torch.zeros(1, 3, *input_size))
-    return counter.get_total_flops() / 1e9
 
 
 def model_facts(config: DictConfig, source: str) -> dict[str, object]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detectors.checkpoints import load_checkpoint, restore_model
+from detectors.config import auto_precision
 from detectors.data.formats.coco import COCOSource, split_paths
 from detectors.data.image_folder import (
     ImageFiles,
@@ -105,10 +106,13 @@ def choose_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on a GPU that has it, full precision elsewhere; ``bf16`` or ``32`` as said."""
+    """``auto``: bf16 autocast on a GPU that has it, and on the CPU where training and evaluation default
+    to it (``detectors.config.auto_precision``), full precision elsewhere; ``bf16`` or ``32`` as said."""
     precision = str(precision)
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and auto_precision() == "bf16-mixed" else None
     if precision in ("bf16", "bf16-mixed"):
         return torch.bfloat16
     if precision in ("32", "32-true", "fp32"):
