@@ -26,7 +26,7 @@ from detectors.tasks.compare import main
 from detectors.tasks.compare_plots import curves_from_files, evaluation_split
 from detectors.tasks.compare_table import CSV_KEYS, Row, sort_rows
 from detectors.tasks.run_folder import find_runs, read_metrics, read_train_log
-from test_train_e2e import TINY, run, run_dir
+from test_train_e2e import TINY, run, run_dir, textured_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -37,9 +37,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # images) for 30 steps, validated 3 times, so its PR curves can hold true positives; its data has no test
 # split, so it is evaluated on val. YOLOv2 trains 2 epochs of the tiny shapes and tests.
 RUNS = {
-    "ssdlite": ["model=ssdlite", "loss.box=giou", "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
+    "ssdlite": ["model=ssdlite", "loss.box=giou", *textured_shapes(max_objects=1), "debug=overfit",
+                "trainer.overfit_batches=1", "data.batch_size=2",
                 "trainer.max_epochs=30", "trainer.check_val_every_n_epoch=10", "data.source.sizes={train: 2, val: 2}",
-                "~data.source.sizes.test", "data.source.generator.max_objects=1", "data.num_workers=0",
+                "~data.source.sizes.test", "data.num_workers=0",
                 "trainer.accelerator=cpu"],
     "yolov2": ["model=yolov2", "multiscale.sizes=null", "input_size=[320,320]", *TINY, "trainer.max_epochs=2",
                "test=true"],

@@ -210,3 +210,23 @@ def test_resolving_before_the_classes_are_known_says_how_to_get_them(data, tmp_p
     cfg = compose_train([f"data={data}"], tmp_path, root)
     with pytest.raises(Exception, match=r"data.classes is null.*data.classes=\[a,b,c\]"):
         OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_cpu_shapes_run_unaugmented_and_a_chosen_augmentation_is_named(tmp_path, caplog, monkeypatch):
+    """On a CPU the built-in shapes train without augmentation (configs/data/shapes.yaml); an augment= the user
+    chose is then not applied, and the log says so, with the override that applies it."""
+    import logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    small = ["data.source.sizes={train: 2, val: 1, test: 1}", "data.num_workers=0"]
+    cfg = compose_train(["augment=yolo", *small], tmp_path)
+    assert cfg.data.augment.preset == "none" and cfg.augment.preset == "yolo"
+    with caplog.at_level(logging.WARNING, logger="detectors.tasks.train"):
+        build_datamodule(cfg)
+    assert "augmentation: none, not augment=yolo" in caplog.text and "data.augment=${augment}" in caplog.text
+    caplog.clear()
+    cfg = compose_train(["augment=yolo", "data.augment=${augment}", *small], tmp_path)
+    assert cfg.data.augment.preset == "yolo"
+    with caplog.at_level(logging.WARNING, logger="detectors.tasks.train"):
+        build_datamodule(cfg)
+    assert "augmentation:" not in caplog.text

@@ -4,7 +4,7 @@ trains, evaluates from its checkpoint and resumes, and BCCD trains from each dat
 import pytest
 import torch
 
-from test_train_e2e import TINY, read_metrics, run, run_dir
+from test_train_e2e import TEXTURED_SHAPES, TINY, read_metrics, run, run_dir
 
 # MobileNetV2's stride-16 map (VGG16 and its fc6 of 4096 are minutes a step here), anchors for 256 px
 SMALL = ["model=faster_rcnn", "backbone=mobilenet_v2", "input_size=[256,256]", "head.anchor_sizes=[32,64,128]",
@@ -17,7 +17,8 @@ def test_overfit_preset_fits_two_images(tmp_path):
     trail weights that move this fast, and the fc layers of the RoI head, fitted to two images, follow any shift
     of their features; evaluation (running statistics) catches up once the cosine schedule has slowed the weights
     (a 160 px pilot: eval mAP@0.5 0 at step 60, 1.0 from step 110; with its BN statistics refreshed, 0.96 at 60)."""
-    run("train.py", *SMALL, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2", "optimizer=adamw",
+    run("train.py", *SMALL, *TEXTURED_SHAPES, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
+        "optimizer=adamw",
         "optimizer.lr=0.001", "trainer.max_epochs=120", "trainer.check_val_every_n_epoch=40",
         run_dir(tmp_path, "overfit"))
     rows = read_metrics(tmp_path / "overfit")

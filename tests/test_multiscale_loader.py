@@ -26,8 +26,9 @@ from detectors.data.transforms import letterbox_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# data.augment: the model's augmentation on a CPU too (the built-in shapes train unaugmented there by default)
 SMALL = ["data.source.sizes={train: 4, val: 2, test: 2}", "data.batch_size=2", "data.eval_batch_size=2",
-         "data.num_workers=0"]
+         "data.num_workers=0", "data.augment=${augment}"]
 
 
 def compose_data(overrides):

@@ -12,7 +12,7 @@ from detectors.detector import Detector
 from detectors.heads.yolov1 import YOLOv1Head, YOLOv1Raw
 from detectors.module import DetectionModule
 from detectors.necks.identity import IdentityNeck
-from tests.test_train_e2e import read_metrics, run, run_dir
+from tests.test_train_e2e import read_metrics, run, run_dir, textured_shapes
 
 
 def small_head(num_classes=2, input_size=(128, 128), **kwargs) -> YOLOv1Head:
@@ -312,7 +312,7 @@ def test_overfit_preset_fits_two_images_to_map_one(tmp_path):
     epochs. SGD's steps shrink with the gradient, the weights settle: 1.0 after 60 epochs (3 seeds).
     """
     out = run("train.py", "model=yolov1", "input_size=[256,256]", "head.channels=128", "head.fc_width=256",
-              "head.dropout=0", "data.source.generator.max_objects=3", "optimizer=sgd", "trainer.gradient_clip_val=10",
+              "head.dropout=0", *textured_shapes(max_objects=3), "optimizer=sgd", "trainer.gradient_clip_val=10",
               "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2", "trainer.max_epochs=80",
               "trainer.check_val_every_n_epoch=80", run_dir(tmp_path, "overfit"))
     rows = read_metrics(tmp_path / "overfit")

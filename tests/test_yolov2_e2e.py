@@ -4,14 +4,14 @@ trains, evaluates from its checkpoint and resumes (the prior-term image count tr
 import pytest
 import torch
 
-from test_train_e2e import TINY, read_metrics, run, run_dir
+from test_train_e2e import TEXTURED_SHAPES, TINY, read_metrics, run, run_dir
 
 SMALL = ["model=yolov2", "input_size=[256,256]", "multiscale.sizes=null"]
 
 
 @pytest.mark.slow
 def test_overfit_preset_fits_two_images(tmp_path):
-    out = run("train.py", *SMALL, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
+    out = run("train.py", *SMALL, *TEXTURED_SHAPES, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
               "trainer.max_epochs=80", "trainer.check_val_every_n_epoch=80", run_dir(tmp_path, "overfit"))
     rows = read_metrics(tmp_path / "overfit")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """Instantiate ``cfg.data`` and write the class names it found back into ``cfg.data.classes``."""
     datamodule = hydra.utils.instantiate(cfg.data)
+    chosen, applied = cfg.get("augment", {}).get("preset"), cfg.data.get("augment", {}).get("preset")
+    if chosen is not None and applied is not None and chosen != applied:
+        # the built-in shapes on a CPU train unaugmented (configs/data/shapes.yaml): say so, never silently
+        log.warning("augmentation: %s, not augment=%s: this data config sets its own (data.augment=${augment} "
+                    "applies augment=%s)", applied, chosen, chosen)
     with open_dict(cfg):
         cfg.data.classes = list(datamodule.classes)
     log.info("classes (label order): %s", list(datamodule.classes))
