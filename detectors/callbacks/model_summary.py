@@ -15,11 +15,13 @@ log = logging.getLogger(__name__)
 class ModelSummary(LightningModelSummary):
     """Logs, when fitting starts (rank 0), a table such as
 
-        part      type                   params   trainable  GFLOPs/image
-        backbone  VGG16                  14.7 M      14.7 M         31.04
-        neck      SSDExtras               8.9 M       8.9 M          0.96
-        head      SSDHead                 2.1 M       2.1 M          0.80
-        total                            25.8 M      25.8 M         32.80   at 300 x 300, 103.1 MB in float32
+        part      type       params  trainable  GFLOPs/image
+        backbone  VGG16      14.7 M     14.7 M         55.63
+        neck      SSDExtras   8.2 M      8.2 M          4.63
+        head      SSDHead     1.5 M      1.5 M          1.10
+        total                24.4 M     24.4 M         61.35   at 300 x 300, 93.2 MB of parameters
+
+    (SSD300, as train.py logs it)
 
     to the console and ``train.log``. Lightning's ModelSummary prints FLOPs only for a module with an
     ``example_input_array`` (0 in every row otherwise), which this module cannot take: its batch hooks
@@ -44,9 +46,10 @@ class ModelSummary(LightningModelSummary):
             gflops = {}
         rows = [("part", "type", "params", "trainable", "GFLOPs/image")]
         for name, part in detector.named_children():
-            rows.append((name, type(part).__name__, *_counts(part), _gflops(gflops.get(name, 0.0 if gflops else None))))
-        params = list(pl_module.parameters())
-        megabytes = sum(p.numel() * p.element_size() for p in params) / 2**20
+            # a part the count reached but that did no counted work (an identity neck) reads 0.00
+            part_gflops = gflops.get(name, 0.0) if gflops else None
+            rows.append((name, type(part).__name__, *_counts(part), _gflops(part_gflops)))
+        megabytes = sum(p.numel() * p.element_size() for p in pl_module.parameters()) / 2**20
         rows.append(("total", "", *_counts(pl_module), _gflops(gflops.get("total"))))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = ["  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]),
