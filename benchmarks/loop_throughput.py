@@ -101,7 +101,8 @@ def loop_seconds(args, device: torch.device, out_dir: Path) -> tuple[tuple[float
 
     from detectors.tasks.train import instantiate_dict, instantiate_loggers
 
-    overrides = [f"paths.output_dir={out_dir}", "model=ssd300", *args.overrides]
+    # SGD, as the isolated step takes (model=ssd300 alone takes AdamW on a CPU)
+    overrides = [f"paths.output_dir={out_dir}", "model=ssd300", "optimizer=sgd", *args.overrides]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):

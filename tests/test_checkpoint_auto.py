@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import detectors  # noqa: F401  (resolvers)
-from detectors.checkpoints import config_differences, find_resumable_checkpoint
+from detectors.checkpoints import check_optimizer_fits, config_differences, find_resumable_checkpoint
 from detectors.tasks.train import resolve_ckpt_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -123,7 +123,7 @@ def test_when_none_matches_one_line_names_each_checkpoint_and_its_first_differen
 
     path, refused = find_resumable_checkpoint(runs, config(tmp_path))
     assert path is None and [p for p, _ in refused] == [runs / "d" / "checkpoints" / "last.ckpt", c, b, a]
-    assert refused[3][1].startswith("optimizer.lr: 0.5 vs 0.01")
+    assert refused[3][1].startswith(f"optimizer.lr: 0.5 vs {config(tmp_path).optimizer.lr}")
 
 
 def test_the_reasons_are_the_first_few_differing_keys_with_both_values(tmp_path):
@@ -149,3 +149,19 @@ def test_a_stored_config_that_no_longer_resolves_is_refused_with_the_reason(tmp_
     path, refused = find_resumable_checkpoint(runs, config(tmp_path))
     assert path is None and len(refused) == 1
     assert refused[0][1].startswith("its run config does not resolve") and "\n" not in refused[0][1]
+
+
+def test_resuming_into_another_optimizer_is_refused_in_one_line_naming_the_checkpoints(tmp_path, monkeypatch):
+    """An SGD checkpoint resumed where the config builds AdamW (model=ssd300 on a CPU, optimizer=auto) would
+    fail at its first step (no AdamW moments in SGD's state): refused at start, with the override that fits."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    resolved = lambda *o: OmegaConf.create(OmegaConf.to_yaml(config(tmp_path, *o), resolve=True))  # noqa: E731
+    sgd_run, cpu_default = resolved("optimizer=sgd"), config(tmp_path)
+    with pytest.raises(ValueError, match=r"trained with torch\.optim\.SGD, this run's optimizer is torch\.optim\.AdamW"
+                                         r".*\(optimizer=sgd\)"):
+        check_optimizer_fits(sgd_run, cpu_default, "a.ckpt")
+    check_optimizer_fits(sgd_run, config(tmp_path, "optimizer=sgd"), "a.ckpt")  # the same optimizer: resumes
+    check_optimizer_fits(resolved(), cpu_default, "a.ckpt")  # auto's AdamW and auto's AdamW
+    check_optimizer_fits(resolved("optimizer=adamw"), cpu_default, "a.ckpt")  # AdamW by either option
+    with pytest.raises(ValueError, match=r"\(optimizer=adamw\)"):
+        check_optimizer_fits(resolved(), config(tmp_path, "optimizer=sgd"), "a.ckpt")

@@ -108,7 +108,10 @@ def check_run(cfg: DictConfig, datamodule, model, callbacks, loggers, trainer):
     # the optimizer (and schedule) that Lightning gets: every trainable parameter once, 1-D ones undecayed
     configured = model.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-    assert type(optimizer) is get_class(cfg.optimizer._target_)
+    if cfg.optimizer._target_ == "detectors.optimizers.sgd_or_adamw":  # optimizer=auto: AdamW on a CPU
+        assert type(optimizer) is (torch.optim.AdamW if cfg.optimizer.adamw else torch.optim.SGD)
+    else:
+        assert type(optimizer) is get_class(cfg.optimizer._target_)
     decay, no_decay = optimizer.param_groups
     trainable = [p for p in detector.parameters() if p.requires_grad]
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
@@ -230,3 +233,27 @@ def test_the_cpu_shapes_run_unaugmented_and_a_chosen_augmentation_is_named(tmp_p
     with caplog.at_level(logging.WARNING, logger="detectors.tasks.train"):
         build_datamodule(cfg)
     assert "augmentation:" not in caplog.text
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_ssd300_trains_with_adamw_on_a_cpu_and_sgd_on_a_gpu_and_its_recipes_keep_sgd(tmp_path, monkeypatch, cuda):
+    """optimizer=auto (model=ssd300's): AdamW from its lr on a CPU (the short default run), SGD with momentum
+    and the one-epoch warm-up on a GPU; optimizer=sgd and the BCCD recipe pick SGD on either."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+    def built(overrides):
+        cfg = compose_train(["data.classes=[a,b]", *overrides], tmp_path, root=tmp_path)  # the model alone
+        module = hydra.utils.instantiate(cfg.model, run_config="")
+        assert isinstance(module, DetectionModule)
+        optimizer = module.configure_optimizers()["optimizer"]
+        return cfg, optimizer
+
+    cfg, optimizer = built(["model=ssd300"])
+    if cuda:
+        assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+        assert optimizer.defaults["lr"] == 0.01 and cfg.scheduler.warmup_epochs == 1.0
+    else:
+        assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.05
+        assert optimizer.defaults["lr"] == 0.001 and cfg.scheduler.warmup_epochs == 0
+    for overrides in (["model=ssd300", "optimizer=sgd"], ["experiment=ssd300_bccd"]):
+        assert type(built(overrides)[1]) is torch.optim.SGD, overrides

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detectors.checkpoints import check_fits, find_resumable_checkpoint, load_checkpoint
+from detectors.checkpoints import check_fits, check_optimizer_fits, find_resumable_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
 from detectors.noise import silence_known_noise
 
@@ -150,7 +150,8 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg)
     checkpoint, resume_step, continued = None, None, False
     if ckpt_path:
-        checkpoint = load_checkpoint(ckpt_path)[0]
+        checkpoint, stored_run = load_checkpoint(ckpt_path)
+        check_optimizer_fits(stored_run, cfg, ckpt_path)
         resume_step = int(checkpoint.get("global_step", 0))
         if cfg.get("resume_in_run_folder", True):
             continued = continue_run_folder(cfg, ckpt_path)
