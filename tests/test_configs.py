@@ -233,6 +233,12 @@ def test_the_cpu_shapes_run_unaugmented_and_a_chosen_augmentation_is_named(tmp_p
     with caplog.at_level(logging.WARNING, logger="detectors.tasks.train"):
         build_datamodule(cfg)
     assert "augmentation:" not in caplog.text
+    # the default run (the model config chose augment=ssd, the user chose nothing): a line of the log, no warning
+    cfg = compose_train(small, tmp_path)
+    with caplog.at_level(logging.INFO, logger="detectors.tasks.train"):
+        build_datamodule(cfg)
+    said = [r for r in caplog.records if r.getMessage().startswith("augmentation: none, not augment=ssd")]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
 
 
 @pytest.mark.parametrize("cuda", [False, True])

@@ -21,14 +21,27 @@ from detectors.noise import silence_known_noise
 log = logging.getLogger(__name__)
 
 
+def _overridden_on_command_line(group: str) -> bool:
+    """Whether this run's command line sets ``group`` or one of its keys (False outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    names = [o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+    return any(n == group or n.startswith(group + ".") or n.startswith(group + "@") for n in names)
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """Instantiate ``cfg.data`` and write the class names it found back into ``cfg.data.classes``."""
     datamodule = hydra.utils.instantiate(cfg.data)
     chosen, applied = cfg.get("augment", {}).get("preset"), cfg.data.get("augment", {}).get("preset")
     if chosen is not None and applied is not None and chosen != applied:
-        # the built-in shapes on a CPU train unaugmented (configs/data/shapes.yaml): say so, never silently
-        log.warning("augmentation: %s, not augment=%s: this data config sets its own (data.augment=${augment} "
-                    "applies augment=%s)", applied, chosen, chosen)
+        # the built-in shapes on a CPU train unaugmented (configs/data/shapes.yaml): say so, never silently; a
+        # warning where the user asked for the augmentation, a line of the log where the model config chose it
+        # (the default run: nothing for its user to act on)
+        level = logging.WARNING if _overridden_on_command_line("augment") else logging.INFO
+        log.log(level, "augmentation: %s, not augment=%s: this data config sets its own (data.augment=${augment} "
+                "applies augment=%s)", applied, chosen, chosen)
     with open_dict(cfg):
         cfg.data.classes = list(datamodule.classes)
     log.info("classes (label order): %s", list(datamodule.classes))
