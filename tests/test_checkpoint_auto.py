@@ -157,8 +157,7 @@ def test_resuming_into_another_optimizer_is_refused_in_one_line_naming_the_check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     resolved = lambda *o: OmegaConf.create(OmegaConf.to_yaml(config(tmp_path, *o), resolve=True))  # noqa: E731
     sgd_run, cpu_default = resolved("optimizer=sgd"), config(tmp_path)
-    with pytest.raises(ValueError, match=r"trained with torch\.optim\.SGD, this run's optimizer is torch\.optim\.AdamW"
-                                         r".*\(optimizer=sgd\)"):
+    with pytest.raises(ValueError, match=r"trained with SGD, this run's optimizer is AdamW.*\(optimizer=sgd\)"):
         check_optimizer_fits(sgd_run, cpu_default, "a.ckpt")
     check_optimizer_fits(sgd_run, config(tmp_path, "optimizer=sgd"), "a.ckpt")  # the same optimizer: resumes
     check_optimizer_fits(resolved(), cpu_default, "a.ckpt")  # auto's AdamW and auto's AdamW

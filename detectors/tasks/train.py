@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 def _overridden_on_command_line(group: str) -> bool:
     """Whether this run's command line sets ``group`` or one of its keys (False outside a Hydra run)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return False
     names = [o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
