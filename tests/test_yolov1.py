@@ -35,8 +35,36 @@ def test_paper_size_gives_7x7x30_for_20_classes_at_448():
 def test_grid_follows_the_input_size():
     # S = ceil(H / 64): DarkNet-19's ceil(H / 32) map through the stride-2 conv
     head = small_head(input_size=(224, 288))
-    raw = head([torch.randn(1, 8, 7, 9)])
-    assert head.grid == (4, 5) and raw.output.shape == (1, 4, 5, 12)
+    raw = head([torch.randn(2, 8, 7, 9)])
+    assert head.grid == (4, 5) and raw.output.shape == (2, 4, 5, 12)
+
+
+def test_fc_batch_norm_is_opt_in_and_a_training_batch_of_one_is_refused_in_words():
+    plain = small_head()  # the paper's FC: no norm, a bias
+    assert isinstance(plain.fc[1], torch.nn.Identity) and plain.fc[0].bias is not None
+    assert plain([torch.randn(1, 8, 4, 4)]).output.shape == (1, 2, 2, 12)
+    head = small_head(fc_batch_norm=True)
+    assert isinstance(head.fc[1], torch.nn.BatchNorm1d) and head.fc[0].bias is None
+    with pytest.raises(ValueError, match=r"batches of two or more .* head.fc_batch_norm=false"):
+        head([torch.randn(1, 8, 4, 4)])
+    assert head.eval()([torch.randn(1, 8, 4, 4)]).output.shape == (1, 2, 2, 12)  # evaluation: any batch
+
+
+def test_conv_output_layer_predicts_each_cell_from_its_own_features():
+    # fully_connected=false: a 1x1 conv, so a change in one cell's features moves that cell's outputs only
+    head = small_head(fully_connected=False, dropout=0.0).eval()
+    x = torch.randn(1, 8, 4, 4)
+    out = head([x]).output
+    assert out.shape == (1, 2, 2, 12)
+    # the stride-2 conv's output cell (0, 0) sees input rows/cols 0..1 (3x3 kernels before and after it
+    # widen that): compare against the last conv's output, changed at one cell
+    feats = head.convs(x)
+    moved = feats.clone()
+    moved[..., 1, 1] += 1.0
+    changed = (head.fc(moved) - head.fc(feats)).permute(0, 2, 3, 1).abs().sum(-1) > 0
+    assert changed.tolist() == [[[False, False], [False, True]]]
+    initial = out[0, 0, 0, :10].view(2, 5)[:, :4]  # every box starts at its cell's centre, half the image's side
+    torch.testing.assert_close(initial, torch.full((2, 4), 0.5), atol=0.1, rtol=0)
 
 
 def one_box_case():
@@ -265,6 +293,15 @@ def test_another_input_size_is_refused_when_the_model_is_built():
     assert yolov1_module().detector.head.grid == (4, 4)
     with pytest.raises(ValueError, match=r"built for 256x256 inputs .* got a 10x10 map"):
         yolov1_module(multiscale={"sizes": [256, 320]})
+
+
+def test_conv_output_layer_takes_any_size_so_multiscale_too():
+    detector = Detector(DarkNet19(out_strides=[32]), IdentityNeck,
+                        partial(YOLOv1Head, num_classes=2, input_size=(256, 256), channels=16, fully_connected=False))
+    module = DetectionModule(detector, partial(torch.optim.AdamW, lr=1e-3), input_size=(256, 256),
+                             multiscale={"sizes": [256, 320]})
+    raw = module.detector.eval()(torch.zeros(1, 3, 320, 384))
+    assert raw.output.shape == (1, 5, 6, 12)  # ceil(320 / 64) x ceil(384 / 64) cells of 2 x 5 + 2
 
 
 def test_one_map_only():

@@ -3,6 +3,8 @@ layers that regress an S x S grid of B boxes, B confidences and C class probabil
 darknet's v1 ``detection`` layer for the parametrisation, the assignment and the sum-squared loss.
 
 The FC layers fix the input size: the head is built for one ``input_size`` and refuses any other.
+``fully_connected=False`` puts a 1x1 conv in their place (each cell from its own features, any size):
+what learned on BCCD from scratch, where the FC gave every image the same boxes.
 The grid is the head's last conv map, ``ceil(H / 64) x ceil(W / 64)`` on a stride-32 backbone map
 (7 x 7 at the paper's 448 px): one output cell per conv cell, as in the paper.
 """
@@ -96,6 +98,18 @@ class YOLOv1Head(nn.Module):
         channels: width of the four 3x3 convs (1024 in the paper).
         fc_width: units of the first FC layer (4096).
         dropout: after the first FC (0.5).
+        fc_batch_norm: BatchNorm on the first FC's outputs, before its leaky ReLU (darknet's ``[connected]
+            batch_normalize=1``; not in the paper, off by default). From scratch without it the first
+            FC's units died on BCCD (99% of 1024 below zero after 600 steps: Adam moves each (C S_h S_w)-wide
+            row by lr per weight and step) and the output became one fixed set of boxes whatever the image
+            (15x less variation between images than between cells); with it 65% stayed alive, but after 8
+            epochs the output was still the same for every image (val mAP@0.5 <= 0.02), and a batch of two
+            normalises each unit to +-1 (the overfit preset's two images: val mAP@0.5 0.6 with it, >= 0.9
+            without). Needs training batches of two or more. ``fully_connected=False`` is what learned on BCCD.
+        fully_connected: False: a 1x1 conv predicts each cell's 5B + C outputs from that cell's features
+            (weights shared by the cells, any input size) in place of the two FC layers; ``dropout`` then
+            drops whole channels (``Dropout2d``). On BCCD from scratch it learned where the FC did not
+            (BENCHMARKS.md).
         num_boxes: predictors per cell B (2).
         coord_scale: lambda_coord on x, y, sqrt(w), sqrt(h) of responsible predictors (5).
         noobj_scale: lambda_noobj on the confidence of every other predictor (0.5).
@@ -121,6 +135,8 @@ class YOLOv1Head(nn.Module):
         channels: int = 1024,
         fc_width: int = 4096,
         dropout: float = 0.5,
+        fc_batch_norm: bool = False,
+        fully_connected: bool = True,
         num_boxes: int = 2,
         coord_scale: float = 5.0,
         noobj_scale: float = 0.5,
@@ -158,36 +174,52 @@ class YOLOv1Head(nn.Module):
         self.convs = nn.Sequential(ConvBN(in_channels[0], channels, 3), ConvBN(channels, channels, 3, stride=2),
                                    ConvBN(channels, channels, 3), ConvBN(channels, channels, 3))
         cells = self.grid[0] * self.grid[1]
-        self.fc = nn.Sequential(
-            nn.Linear(channels * cells, fc_width),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(fc_width, cells * (5 * num_boxes + num_classes)),
-        )
+        per_cell = 5 * num_boxes + num_classes
+        self.fully_connected = fully_connected
+        if fully_connected:
+            # fc.1 is an Identity without the norm: the output layer is fc.4 either way
+            self.fc = nn.Sequential(
+                nn.Linear(channels * cells, fc_width, bias=not fc_batch_norm),
+                nn.BatchNorm1d(fc_width) if fc_batch_norm else nn.Identity(),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(fc_width, cells * per_cell),
+            )
+            nn.init.kaiming_uniform_(self.fc[0].weight, a=0.1, nonlinearity="leaky_relu")
+            if self.fc[0].bias is not None:
+                nn.init.zeros_(self.fc[0].bias)
+            output_layer = self.fc[4]
+        else:
+            self.fc = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, per_cell, 1))
+            output_layer = self.fc[1]
         for m in self.convs.modules():  # as the darknet backbones: He init for leaky ReLU(0.1)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
-        nn.init.kaiming_uniform_(self.fc[0].weight, a=0.1, nonlinearity="leaky_relu")
-        nn.init.zeros_(self.fc[0].bias)
         # small outputs at the start (the SSE of a linear output grows with its scale), every box at the
         # centre of its cell and half the image's side (sqrt(w) = 0.5): the first steps learn offsets
         # from a box of the right magnitude instead of moving every box output from 0 to about 0.5
-        nn.init.normal_(self.fc[3].weight, std=0.01)
-        bias = torch.zeros(5 * num_boxes + num_classes)
+        nn.init.normal_(output_layer.weight, std=0.01)
+        bias = torch.zeros(per_cell)
         bias[: 5 * num_boxes].view(num_boxes, 5)[:, :4] = 0.5
         with torch.no_grad():
-            self.fc[3].bias.copy_(bias.repeat(cells))
+            output_layer.bias.copy_(bias.repeat(cells if fully_connected else 1))
 
     def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> YOLOv1Raw:
         """feats: [(B, C_in, H / 32, W / 32)] -> YOLOv1Raw with output (B, S_h, S_w, 5 num_boxes + C)."""
         (x,) = feats
+        if not self.fully_connected:  # the 1x1 conv takes any map: no fixed input size
+            return YOLOv1Raw(self.fc(self.convs(x)).permute(0, 2, 3, 1), self.num_boxes)
         if tuple(x.shape[-2:]) != self.map_shape:
             # a ValueError, not a shape error inside the FC: the module's meta forward at build time
             # (input_size, every multiscale size) reports it as it is
             raise ValueError(
                 f"YOLOv1Head is built for {self.input_size[0]}x{self.input_size[1]} inputs (its FC takes the "
                 f"{self.map_shape[0]}x{self.map_shape[1]} map at stride {self.stride}) and got a "
-                f"{x.shape[-2]}x{x.shape[-1]} map: the FC fixes the input size (no multi-scale training)")
+                f"{x.shape[-2]}x{x.shape[-1]} map: the FC fixes the input size (no multi-scale training; "
+                "head.fully_connected=false predicts with a 1x1 conv, which takes any size)")
+        if self.training and x.shape[0] == 1 and isinstance(self.fc[1], nn.BatchNorm1d):
+            raise ValueError("YOLOv1Head's FC BatchNorm needs training batches of two or more images: set "
+                             "data.batch_size >= 2 (per device), or head.fc_batch_norm=false")
         out = self.fc(self.convs(x).flatten(1))
         return YOLOv1Raw(out.view(x.shape[0], *self.grid, -1), self.num_boxes)
 
