@@ -40,8 +40,9 @@ def test_grid_follows_the_input_size():
 
 
 def test_fc_batch_norm_is_opt_in_and_a_training_batch_of_one_is_refused_in_words():
-    plain = small_head()  # the paper's FC: no norm, a bias
-    assert isinstance(plain.fc[1], torch.nn.Identity) and plain.fc[0].bias is not None
+    plain = small_head()  # the paper's FC: no norm, a bias, and the layers' keys as before the option existed
+    assert [type(m).__name__ for m in plain.fc] == ["Linear", "LeakyReLU", "Dropout", "Linear"]
+    assert plain.fc[0].bias is not None
     assert plain([torch.randn(1, 8, 4, 4)]).output.shape == (1, 2, 2, 12)
     head = small_head(fc_batch_norm=True)
     assert isinstance(head.fc[1], torch.nn.BatchNorm1d) and head.fc[0].bias is None

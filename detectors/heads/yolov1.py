@@ -177,10 +177,12 @@ class YOLOv1Head(nn.Module):
         per_cell = 5 * num_boxes + num_classes
         self.fully_connected = fully_connected
         if fully_connected:
-            # fc.1 is an Identity without the norm: the output layer is fc.4 either way
+            # without the norm the layers and their state_dict keys are as before it existed (fc.3 the
+            # output layer), so earlier checkpoints load
+            norm = [nn.BatchNorm1d(fc_width)] if fc_batch_norm else []
             self.fc = nn.Sequential(
                 nn.Linear(channels * cells, fc_width, bias=not fc_batch_norm),
-                nn.BatchNorm1d(fc_width) if fc_batch_norm else nn.Identity(),
+                *norm,
                 nn.LeakyReLU(0.1, inplace=True),
                 nn.Dropout(dropout),
                 nn.Linear(fc_width, cells * per_cell),
@@ -188,7 +190,7 @@ class YOLOv1Head(nn.Module):
             nn.init.kaiming_uniform_(self.fc[0].weight, a=0.1, nonlinearity="leaky_relu")
             if self.fc[0].bias is not None:
                 nn.init.zeros_(self.fc[0].bias)
-            output_layer = self.fc[4]
+            output_layer = self.fc[-1]
         else:
             self.fc = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, per_cell, 1))
             output_layer = self.fc[1]
