@@ -57,8 +57,8 @@ def test_conv_output_layer_predicts_each_cell_from_its_own_features():
     x = torch.randn(1, 8, 4, 4)
     out = head([x]).output
     assert out.shape == (1, 2, 2, 12)
-    # the stride-2 conv's output cell (0, 0) sees input rows/cols 0..1 (3x3 kernels before and after it
-    # widen that): compare against the last conv's output, changed at one cell
+    # the four 3x3 convs before the output layer mix neighbouring cells by design: change the last conv's
+    # output at one cell and run the output layer alone
     feats = head.convs(x)
     moved = feats.clone()
     moved[..., 1, 1] += 1.0
