@@ -308,7 +308,7 @@ def assign_to_grid(pred_boxes: Tensor, targets: dict[str, Tensor], grid: AnchorG
     weight = gather_gt(targets["weights"].float(), owner) * positive
     labels = gather_gt(targets["labels"], owner).clamp(min=0)
 
-    offsets, log_wh = coder.encode_slots(matched, grid.cells, grid.strides, grid.anchors)
+    offsets, log_wh = coder.encode(matched, grid.cells, grid.strides, grid.anchors)
     # darknet's 2 - w h, w and h as fractions of the image: small boxes weigh up to twice as much
     width, height = matched[..., 2] - matched[..., 0], matched[..., 3] - matched[..., 1]
     box_scale = 2.0 - width / image_size[1] * height / image_size[0]

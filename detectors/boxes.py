@@ -1,4 +1,4 @@
-"""Box formats, batched IoU and the delta box coder (SSD, RPN, RoI heads).
+"""Box formats, batched IoU, the delta box coder (SSD, RPN, RoI heads) and the grid coder (YOLOv2, YOLOv3).
 
 Boxes are ``xyxy`` in absolute pixels everywhere outside a head (see DESIGN.md).
 The centre-size form (``cxcywh``) lives only inside encoders.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -106,11 +107,38 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
+#: torch float dtypes whose arithmetic NumPy scalars reproduce (IEEE, rounded once per operation)
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (as ``torch.tensor(value, dtype=dtype)`` rounds it), as a Python float,
+    computed on the host without a tensor."""
+    if dtype in _NUMPY_FLOATS:
+        return float(_NUMPY_FLOATS[dtype](value))
+    return torch.tensor(value, dtype=dtype).item()
+
+
+def scale_xy(values: Tensor, scale_x: float, scale_y: float) -> Tensor:
+    """(..., 4) laid out (x, y, x, y) (xyxy boxes, or frames (scale_x, scale_y, pad_left, pad_top)) times
+    ``scale_x`` and ``scale_y``, Python numbers: no tensor is made for them, so nothing is copied to the
+    device (a tensor made from Python numbers on a GPU is a blocking copy, a wait in every training step).
+    The same numbers as a multiplication by a tensor of the scales where they are exact in the dtype
+    (``in_dtype``)."""
+    return torch.stack([values[..., 0::2] * scale_x, values[..., 1::2] * scale_y], -1).flatten(-2)
+
+
 def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: Tensor | tuple[int, int]) -> Tensor:
     """Rescale (..., 4) xyxy boxes from an image of ``from_size`` (H, W) to ``to_size`` (H, W).
 
-    ``to_size`` may be a tensor broadcastable to ``boxes[..., :2]`` (e.g. (B, 1, 2) per image).
+    ``to_size`` may be a tensor broadcastable to ``boxes[..., :2]`` (e.g. (B, 1, 2) per image). Sizes given
+    as numbers make no tensor (``scale_xy``): the scales are divided on the host in the boxes' dtype, as
+    the device divides them.
     """
+    if not isinstance(to_size, Tensor) and boxes.dtype in _NUMPY_FLOATS:
+        real = _NUMPY_FLOATS[boxes.dtype]
+        scale_y, scale_x = (float(real(int(t)) / real(int(f))) for t, f in zip(to_size, from_size))
+        return scale_xy(boxes, scale_x, scale_y)
     to = torch.as_tensor(to_size, dtype=boxes.dtype, device=boxes.device)
     scale_hw = to / torch.tensor(from_size, dtype=boxes.dtype, device=boxes.device)
     scale_xyxy = torch.cat([scale_hw.flip(-1), scale_hw.flip(-1)], dim=-1)
@@ -164,55 +192,28 @@ class GridCoder:
     and an anchor's size times ``exp(t_w)``, ``exp(t_h)``. Offsets here are the sigmoids themselves, so the
     coder needs no activation; sizes are in pixels of the input, as the anchors.
 
+    It works on slots laid out flat over one or several grids (``detectors.anchors.AnchorGrid``): each slot
+    carries its cell, its cell's size and its anchor, so one grid (YOLOv2) and the levels of a multi-scale
+    head (YOLOv3) decode alike, in one go.
+
     ``max_log_scale`` caps ``t_w``, ``t_h`` when decoding (an untrained head cannot overflow ``exp``).
     """
 
     def __init__(self, max_log_scale: float = math.log(1000.0 / 16)):
         self.max_log_scale = max_log_scale
 
-    @staticmethod
-    def cell_sizes(grid_shape: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float]:
-        """(stride_y, stride_x): pixels per cell."""
-        return image_size[0] / grid_shape[0], image_size[1] / grid_shape[1]
-
-    def decode(self, offsets: Tensor, log_wh: Tensor, anchors: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """offsets (B, h, w, A, 2) x, y in 0..1 of the cell; log_wh (B, h, w, A, 2); anchors (A, 2) w, h in
-        pixels -> boxes (B, h, w, A, 4) xyxy in pixels of an image of ``image_size`` (H, W)."""
-        grid_h, grid_w = offsets.shape[1:3]
-        stride_y, stride_x = self.cell_sizes((grid_h, grid_w), image_size)
-        rows = torch.arange(grid_h, device=offsets.device, dtype=offsets.dtype).view(1, -1, 1, 1)
-        cols = torch.arange(grid_w, device=offsets.device, dtype=offsets.dtype).view(1, 1, -1, 1)
-        cx = (cols + offsets[..., 0]) * stride_x
-        cy = (rows + offsets[..., 1]) * stride_y
-        wh = anchors * torch.exp(log_wh.clamp(max=self.max_log_scale))
-        centre = torch.stack([cx, cy], -1)
-        return torch.cat([centre - wh / 2, centre + wh / 2], -1)
-
-    def encode(self, boxes: Tensor, row: Tensor, col: Tensor, anchors_wh: Tensor, grid_shape: tuple[int, int],
-               image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """The targets of ``decode``: boxes (..., 4) xyxy in pixels, their cell (row, col) (...) and the
-        anchor size (..., 2) each is learnt by -> (offsets (..., 2) in 0..1, log_wh (..., 2))."""
-        stride_y, stride_x = self.cell_sizes(grid_shape, image_size)
-        cxcywh = box_convert(boxes, "xyxy", "cxcywh")
-        offsets = torch.stack([cxcywh[..., 0] / stride_x - col, cxcywh[..., 1] / stride_y - row], -1)
-        # a degenerate GT never becomes a target (dropped at load); the clamp only guards log(0) in padding
-        log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-6) / anchors_wh.clamp(min=1e-6))
-        return offsets, log_wh
-
-    # The same on slots laid out flat over one or several grids (``detectors.anchors.AnchorGrid``): each slot
-    # carries its cell, its cell's size and its anchor, so the levels of a multi-scale head decode in one go.
-
-    def decode_slots(self, offsets: Tensor, log_wh: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> Tensor:
+    def decode(self, offsets: Tensor, log_wh: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> Tensor:
         """offsets (B, N, 2) in 0..1 of the cell; log_wh (B, N, 2); cells (N, 2) column, row; strides (N, 2)
         cell width, height in pixels; anchors (N, 2) w, h in pixels -> boxes (B, N, 4) xyxy in pixels."""
         centre = (cells + offsets) * strides
         wh = anchors * torch.exp(log_wh.clamp(max=self.max_log_scale))
         return torch.cat([centre - wh / 2, centre + wh / 2], -1)
 
-    def encode_slots(self, boxes: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
-        """The targets of ``decode_slots``: boxes (B, N, 4) xyxy in pixels, each learnt by its slot ->
+    def encode(self, boxes: Tensor, cells: Tensor, strides: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        """The targets of ``decode``: boxes (B, N, 4) xyxy in pixels, each learnt by its slot ->
         (offsets (B, N, 2), log_wh (B, N, 2)); offsets are in 0..1 where the box's centre is in the cell."""
         cxcywh = box_convert(boxes, "xyxy", "cxcywh")
         offsets = cxcywh[..., :2] / strides - cells
+        # a degenerate GT never becomes a target (dropped at load); the clamp only guards log(0) in padding
         log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-6) / anchors.clamp(min=1e-6))
         return offsets, log_wh

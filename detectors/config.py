@@ -49,9 +49,10 @@ def gpu_or_cpu(on_gpu, on_cpu):
 
 
 def num_classes(classes) -> int:
-    """``${len:${data.classes}}``: the head's class count. Null classes are read from the dataset by
-    train.py before the model is built; resolving the config before that (``--cfg job --resolve``)
-    gets this message instead of len(None)'s TypeError."""
+    """``${len:LIST}``: a list's length: ``${len:${data.classes}}`` the head's class count, and the SSD necks'
+    level count (one per entry of the head's ``priors.aspect_ratios``). Null classes are read from the
+    dataset by train.py before the model is built; resolving the config before that (``--cfg job
+    --resolve``) gets this message instead of len(None)'s TypeError."""
     if classes is None:
         raise ValueError("data.classes is null: train.py reads the class names from the dataset before it "
                          "builds the model; to resolve the config by itself, set data.classes=[a,b,c]")

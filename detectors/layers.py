@@ -1,6 +1,8 @@
-"""Small building blocks shared by backbones and necks."""
+"""Small building blocks shared by backbones, necks and heads (a neck or head never imports a backbone module)."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from torch import nn
 
@@ -15,6 +17,22 @@ def conv_block(in_ch: int, out_ch: int, batch_norm: bool, bias: bool | None = No
     if batch_norm:
         return [conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
     return [conv, nn.ReLU(inplace=True)]
+
+
+class ConvBN(nn.Sequential):
+    """darknet's convolutional layer (``batch_normalize=1``): Conv2d (no bias) + BatchNorm2d + LeakyReLU(0.1),
+    'same' padding. The DarkNet backbones, YOLO necks and the YOLOv1 head are made of it.
+
+    x (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1):
+        super().__init__(OrderedDict(
+            # darknet pads size // 2 (pad=1 in its cfgs), so a stride-2 3x3 conv gives ceil(H / 2)
+            conv=nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=False),
+            bn=nn.BatchNorm2d(out_ch),
+            act=nn.LeakyReLU(0.1, inplace=True),
+        ))
 
 
 def init_kaiming(module: nn.Module) -> None:

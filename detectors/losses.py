@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from detectors.boxes import DeltaBoxCoder
 
 
 def hard_negative_mask(
@@ -153,21 +156,50 @@ def choose_losses(head: str, losses: Mapping[str, Any] | None, defaults: dict[st
                       focal_gamma=float(losses.get("focal_gamma", 2.0)))
 
 
-def label_class_loss(losses: LossChoice, logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-slot class loss (...) of logits (..., C) against labels (...) in 0..C-1, for the heads that score C
-    foreground classes (YOLOv2, YOLOv3): ``ce`` and ``softmax_focal`` over a softmax of the C, ``bce`` and
-    ``focal`` over one sigmoid per class (summed over the C: YOLOv3's multi-label classifiers)."""
+def class_loss(losses: LossChoice, logits: Tensor, labels: Tensor, background: bool = False) -> Tensor:
+    """Per-slot class loss (...) of ``losses.cls``, the one switch every head's class term goes through.
+
+    logits (..., K), labels (...). ``background=False``: K = C foreground classes, labels 0..C-1 (the YOLO
+    heads). ``background=True``: K = C + 1 with the background at column 0, labels 0 (background) to C (SSD,
+    the RoI head): the sigmoid losses score only the C foreground columns, a background slot learns all zeros.
+    ``ce`` and ``softmax_focal`` are over a softmax of the K; ``bce`` and ``focal`` over one sigmoid per
+    class, summed over the classes (YOLOv3's multi-label classifiers); ``sse`` the squared error of linear
+    outputs against the one-hot (YOLOv1's class probabilities: no activation, no factor 1/2).
+    """
     import torch.nn.functional as F
 
-    if losses.cls == "ce":
+    name = losses.cls
+    if name == "ce":
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
-    if losses.cls == "softmax_focal":
+    if name == "softmax_focal":
         return softmax_focal_loss(logits.flatten(0, -2), labels.flatten(), losses.focal_gamma).view_as(labels)
     one_hot = F.one_hot(labels, logits.shape[-1])
-    return sigmoid_class_loss(losses.cls, logits, one_hot, losses.focal_alpha, losses.focal_gamma).sum(-1)
+    if background:
+        logits, one_hot = logits[..., 1:], one_hot[..., 1:]
+    if name == "sse":
+        return (logits - one_hot.float()).square().sum(-1)
+    if name in SIGMOID_CLASS_LOSSES:
+        return sigmoid_class_loss(name, logits, one_hot, losses.focal_alpha, losses.focal_gamma).sum(-1)
+    raise ValueError(f"unknown class loss {name!r}; choose from {('sse', *CLASS_LOSSES)}")
 
 
-def class_probabilities(losses: LossChoice, logits: Tensor) -> Tensor:
-    """(..., C) the class probabilities as ``label_class_loss`` trained the logits: one sigmoid per class
-    (bce, focal) or a softmax over the C."""
-    return logits.sigmoid() if losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)
+def class_probabilities(losses: LossChoice, logits: Tensor, background: bool = False) -> Tensor:
+    """(..., C) the class probabilities as ``class_loss`` trained the logits (..., K), K and
+    ``background`` as there: one sigmoid per class (bce, focal), a softmax over the K (ce, softmax_focal;
+    the background's column dropped), or the linear outputs clamped to [0, 1] (sse)."""
+    if losses.cls in ("ce", "softmax_focal"):
+        probs = logits.softmax(-1)
+        return probs[..., 1:] if background else probs
+    if background:
+        logits = logits[..., 1:]
+    return logits.clamp(0, 1) if losses.cls == "sse" else logits.sigmoid()
+
+
+def delta_box_loss(losses: LossChoice, deltas: Tensor, target_boxes: Tensor, coder: DeltaBoxCoder,
+                   references: Tensor) -> Tensor:
+    """Per-box loss (...) of a head that predicts ``coder``'s deltas (SSD, RPN, RoI): ``losses.box`` on the
+    deltas (..., 4) against the encoding of ``target_boxes`` (..., 4) xyxy, or for the IoU family on the
+    decoded deltas against the boxes themselves. references (..., 4) cxcywh, broadcastable."""
+    if losses.box in IOU_LOSSES:
+        return box_regression_loss(losses.box, coder.decode(deltas, references), target_boxes)
+    return box_regression_loss(losses.box, deltas, coder.encode(target_boxes, references), losses.smooth_l1_beta)

@@ -102,19 +102,26 @@ class DetectionModule(L.LightningModule):
         """Fail now, with the reason, if the network cannot take inputs of ``size`` (input_size and
         every multi-scale size), instead of with a shape error in the middle of an epoch.
 
-        The backbone says its smallest side and size divisor; then the forward runs on the meta device
-        (shapes only, no arithmetic, about 0.05 s), which finds what the rest of the network needs (SSD300's
-        extras: >= 257 px). Only a map that becomes empty, or a kernel larger than its map, is called "too
-        small"; any other failure is reported as it is. ``label`` names the size in the message
-        (default: input_size or multiscale size)."""
-        backbone = getattr(self.detector, "backbone", None)
+        The parts say their smallest side and size divisor (``Detector.size_requirements``: the backbone's
+        config, a head's grid); then the forward runs on the meta device (shapes only, no arithmetic, about
+        0.05 s), which finds what the rest of the network needs (SSD300's extras: >= 257 px). Only a map
+        that becomes empty, or a kernel larger than its map, is called "too small"; any other failure is
+        reported as it is. ``label`` names the size in the message (default: input_size or multiscale size)."""
         label = label or ("input_size" if tuple(size) == self.input_size else "multiscale size")
-        smallest = getattr(backbone, "min_size", 1)
+        if hasattr(self.detector, "size_requirements"):
+            requirements = self.detector.size_requirements()
+        else:
+            backbone = getattr(self.detector, "backbone", None)
+            requirements = {"backbone": (getattr(backbone, "min_size", 1), getattr(backbone, "size_divisor", 1))}
+        part, (smallest, _) = max(requirements.items(), key=lambda item: item[1][0])
         if min(size) < smallest:
-            raise ValueError(f"{label} {tuple(size)} is too small: the backbone needs sides of at least {smallest} px")
-        divisor = getattr(backbone, "size_divisor", 1)
+            raise ValueError(f"{label} {tuple(size)} is too small: the {part} needs sides of at least {smallest} px")
+        divisor = math.lcm(*(d for _, d in requirements.values()))
         if size[0] % divisor or size[1] % divisor:
-            raise ValueError(f"{label} {tuple(size)} is not a multiple of {divisor} (backbone.size_divisor)")
+            reasons = "; ".join(f"backbone.size_divisor {d}" if part == "backbone" else
+                                f"the {part} {type(getattr(self.detector, part)).__name__} takes multiples of {d}"
+                                for part, (_, d) in requirements.items() if d > 1)
+            raise ValueError(f"{label} {tuple(size)} is not a multiple of {divisor} ({reasons})")
         tensors = {**dict(self.detector.named_parameters()), **dict(self.detector.named_buffers())}
         meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
         was_training = self.detector.training

@@ -6,58 +6,30 @@ inside every (image, class) group (what ``torchvision.ops.nms`` keeps on that gr
 and cuts each image to its ``max_detections`` best: descending score, ties lower class first, then
 top-k rank.
 
-How the NMS runs (``choose_strategy``; ``benchmarks/nms.py``, BENCHMARKS.md "Decode + NMS strategies"):
-
-* CPU: ``per_group`` at every size, one ``nms`` call per non-empty group on its contiguous slice of
-  the candidates. SSD300, batch 32, SSD's eval settings, decode + top-k + NMS + cut in ms per batch
-  on a 2-core CPU shared with other jobs (2026-12-02; "random": every prior a candidate, "real": about
-  1.5% of priors x classes over the threshold; median of 5 rounds, * one call, -- not run):
-
-  ===================================  ======  =====  ======  =====  ======  =====
-  classes                                   3      3      20     20      80     80
-  scores                               random   real  random   real  random   real
-  candidates after the top-400 cut        38k    13k    256k    79k   1.02M   310k
-  per group, contiguous slices (this)     159     91     945    276    5490   1511
-  tensorised exact greedy                 334    128    2588    478  12843*   2497
-  one batched_nms (until 2026-12-02)      247     85    1967    535  15761*   7133
-  per image, classes shifted apart        259     89    5907    678      --  11275*
-  per class, images shifted apart         997    168   10043    744  42819*   5180
-  decode + top-k + cut alone               72     57     307    136    1479    843
-  ===================================  ======  =====  ======  =====  ======  =====
-
-  The kernel skips boxes already suppressed, the tensorised path computes all k x k IoUs of a group:
-  1.4-2.7x slower here. The coordinate-offset ways (one ``nms`` over groups shifted apart) are slower at
-  scale, since a call is quadratic in its boxes, and they are not exact: a shift of up to groups x
-  (largest coordinate + 1) rounds float32 coordinates (to 1/16 px at 32 x 80 groups of 300 px), which
-  flips IoU decisions near the threshold (``tests/test_postprocess.py`` has one). They tie with one
-  call per group only at the smallest size (13k candidates, 85-91 ms: the noise of this machine).
-* GPU (not measured yet: no GPU lent; ``benchmarks/gpu_session.sh bench`` runs the benchmark):
-  ``tensorised`` from ``TENSORISED_MIN_GROUPS`` = 8 non-empty groups on (float32/float64 boxes), else
-  ``per_group``. Estimated: an ``nms`` call on the GPU costs a host sync and a host pass (about 0.1 ms:
-  a quarter second for 2560 groups), the tensorised path about 15 kernels over each chunk of IoU
-  matrices plus a few fixed-point steps (8 at 20 classes, random scores). It reproduces the CPU
-  kernel's arithmetic; the benchmark counts any box where it and the CUDA kernel disagree. Set
-  ``TENSORISED_MIN_GROUPS = None`` to keep the GPU on per-group calls.
-
-Until 2026-12-02 this ran one ``torchvision.ops.batched_nms`` over the whole batch (group = image x
-classes + class). torchvision takes its coordinate trick up to 1000 boxes on the CPU and 25 000 on
-the GPU (``boxes.numel()`` 4000 / 100 000): one call over the whole batch shifted apart, with the
-rounding above. Beyond that it takes ``_batched_nms_vanilla``: the per-group calls here plus a search of
-all candidates for every group (groups x candidates: 2.6x slower at 80 classes with random scores,
-4.7x with real ones). Above the switch the kept boxes are the same as now, and so is their order,
-except that ties in score across the groups of an image came out in the order of an unstable sort.
+How the NMS runs (``choose_strategy``): on the CPU one ``nms`` call per non-empty (image, class) group
+on its contiguous slice of the candidates, the fastest exact way there (the kernel skips boxes already
+suppressed); off the CPU the tensorised exact greedy from ``TENSORISED_MIN_GROUPS`` groups on, since
+every ``nms`` call on a GPU costs a host sync (``TENSORISED_MIN_GROUPS = None`` keeps the per-group
+calls). Every one of ``STRATEGIES`` keeps exactly what per-group ``torchvision.ops.nms`` keeps. The
+coordinate-offset ways (one ``nms`` over groups shifted apart, ``batched_nms``'s trick) are not exact: a
+shift of up to groups x (largest coordinate + 1) rounds float32 coordinates, which flips IoU decisions
+near the threshold (``tests/test_postprocess.py`` has one). The timings, and what ran before:
+BENCHMARKS.md, "Decode + NMS strategies" (``benchmarks/nms.py``).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-#: the ways ``grouped_nms`` can run; every one keeps exactly what per-group ``torchvision.ops.nms`` keeps
-STRATEGIES = ("per_group", "tensorised")
+#: the ways ``grouped_nms`` can run; every one keeps exactly what per-group ``torchvision.ops.nms`` keeps.
+#: ``scan`` is never chosen by the rule: a caller that must not wait for the device (a training step) asks for it
+STRATEGIES = ("per_group", "tensorised", "scan")
 #: IoU entries per chunk of groups in the tensorised path, per device type: on the CPU a chunk whose
-#: temporaries stay in cache (2^20 entries: 2.3x faster than 2^25 at 20 classes); on a GPU 2^25
+#: temporaries stay in cache (2^20 entries; BENCHMARKS.md, "Decode + NMS strategies"); on a GPU 2^25
 #: (128 MiB per float32 temporary, three at the peak)
 TENSORISED_CHUNK = {"cpu": 1 << 20, "default": 1 << 25}
 #: off the CPU, the tensorised path from this many non-empty groups on (None: never)
@@ -107,16 +79,23 @@ def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: flo
     Args:
         boxes: (..., k, 4) xyxy; scores: (..., k) in descending order along the last dimension (top-k's
             output); valid: (..., k) bool, the candidates (others neither kept nor suppressing).
-        strategy: one of ``STRATEGIES``, or None for the module's rule (``choose_strategy``).
+        strategy: one of ``STRATEGIES``, or None for the module's rule (``choose_strategy``). ``scan`` reads
+            nothing back from the device (no host sync: what a training step needs); the rule and the
+            other strategies read the candidate counts (and ``tensorised`` its convergence) on the host.
 
     Returns:
         (..., k) bool: the candidates that ``torchvision.ops.nms`` keeps on each group's candidates.
     """
     flat_valid, flat_boxes = valid.flatten(0, -2), boxes.flatten(0, -3)  # (groups, k), (groups, k, 4)
-    counts = flat_valid.sum(1).tolist()
+    counts = None
     if strategy is None:
+        counts = flat_valid.sum(1).tolist()
         strategy = choose_strategy(sum(counts), sum(n > 0 for n in counts), boxes.device, boxes.dtype)
-    if strategy == "per_group":
+    if strategy == "scan":  # first: nothing read from the device when asked for by name
+        kept = _scan(flat_boxes, flat_valid, iou_threshold)
+    elif strategy == "per_group":
+        if counts is None:
+            counts = flat_valid.sum(1).tolist()
         kept = _per_group(flat_boxes, scores.flatten(0, -2), flat_valid, counts, iou_threshold)
     elif strategy == "tensorised":
         kept = _tensorised(flat_boxes, flat_valid, iou_threshold)
@@ -201,6 +180,49 @@ def _tensorised(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     return kept
 
 
+def _scan(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """Exact greedy NMS with no host read: the (groups, k, k) "i suppresses j" matrix (the IoU of
+    ``_tensorised``, the CPU kernel's arithmetic, so the same decisions), then the greedy pass itself,
+    vectorised over the groups: for rank r = 0 .. k - 2, if r is still in (valid and not suppressed), it
+    suppresses its later boxes over the threshold. A fixed k - 1 steps whatever the data (no
+    convergence test, no count, no width cut read from the device), each two kernels over (groups, k - r):
+    what torchvision's kernel does per group, with no host decision. Every shape is set by the input's.
+
+    Its cost is the k (k + 1) / 2 IoUs of every group (the CPU kernel skips suppressed boxes) plus the k
+    small steps; on a GPU the steps are 2 (k - 1) kernel launches. Memory: groups x k x k bools (32 MB for
+    the RPN's 8 x 2000) and IoU temporaries of one block of ranks.
+    """
+    groups, k = valid.shape
+    removed = ~valid  # not a candidate: neither kept nor suppressing
+    if groups == 0 or k < 2:
+        return ~removed
+    threshold = _kernel_threshold(iou_threshold, boxes.device, boxes.dtype)
+    # by blocks of ranks (rows) for every group at once, each against its later ranks only (columns from the
+    # block's first rank on: the upper triangle, about half the IoUs); a block's temporaries within the
+    # tensorised path's budget (on the CPU they stay in cache: 2x faster than whole k x k matrices)
+    budget = TENSORISED_CHUNK.get(boxes.device.type, TENSORISED_CHUNK["default"])
+    rows = max(1, budget // (groups * k))
+    suppresses = torch.empty(groups, k, k, dtype=torch.bool, device=boxes.device)  # below the blocks: unused
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    for r0 in range(0, k, rows):
+        r1 = min(k, r0 + rows)
+        i, j = slice(r0, r1), slice(r0, None)  # the block's ranks; theirs and every later one
+        w = torch.minimum(x2[:, i, None], x2[:, None, j]).sub_(torch.maximum(x1[:, i, None], x1[:, None, j]))
+        h = torch.minimum(y2[:, i, None], y2[:, None, j]).sub_(torch.maximum(y1[:, i, None], y1[:, None, j]))
+        inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+        del h
+        union = (area[:, i, None] + area[:, None, j]).sub_(inter)
+        torch.gt(inter.div_(union), threshold, out=suppresses[:, i, j])
+        del union, inter, w
+    # only j > r is read: the diagonal and what lies below it need no mask
+    for r in range(k - 1):
+        later = removed[:, r + 1:]  # a view: updated in place
+        later |= torch.gt(suppresses[:, r, r + 1:], removed[:, r:r + 1])  # suppresses and r not removed
+    return ~removed
+
+
+@lru_cache(maxsize=None)  # a pure function of its arguments; computed once, not in every step
 def _kernel_threshold(threshold: float, device: torch.device, dtype: torch.dtype) -> float:
     """The threshold t' for which ``iou > t'`` in ``dtype`` decides as torchvision's kernel on ``device``:
     the CUDA kernel takes the threshold as a float (rounded to nearest); the CPU kernel compares its

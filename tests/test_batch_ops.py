@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
 from detectors.data.batch_ops import BatchMixup, MultiScale, mixup_batch, resize_batch
 
@@ -213,14 +214,42 @@ def test_defaults_leave_the_batch_path_as_it_was():
 def test_too_small_a_multiscale_size_is_refused_when_the_model_is_built():
     from common import build_ours
 
-    with pytest.raises(Exception, match=r"multiscale size \(256, 256\) is too small for this detector"):
+    # the module's ValueError, as Hydra's instantiate passes it on (wrapped, the message kept)
+    with pytest.raises(InstantiationException,
+                       match=r"ValueError\(.multiscale size \(256, 256\) is too small for this detector") as raised:
         build_ours(["model=ssd300", "multiscale.sizes=[256,320]"], num_classes=3)
+    assert isinstance(raised.value.__cause__, ValueError)
     build_ours(["model=ssd300", "multiscale.sizes=[257]"], num_classes=3)  # the smallest SSD300 takes
     # every size is checked, not the smallest by area: (600, 256) is larger than 300 x 300 but too narrow
-    with pytest.raises(Exception, match=r"multiscale size \(600, 256\) is too small"):
+    with pytest.raises(InstantiationException,
+                       match=r"ValueError\(.multiscale size \(600, 256\) is too small") as raised:
         build_ours(["model=ssd300", "multiscale.sizes=[300,[600,256]]"], num_classes=3)
-    with pytest.raises(Exception, match=r"input_size \(24, 24\) is too small: the backbone needs sides of at least 32"):
+    assert isinstance(raised.value.__cause__, ValueError)
+    with pytest.raises(InstantiationException,
+                       match=r"ValueError\(.input_size \(24, 24\) is too small: "
+                             r"the backbone needs sides of at least 32") as raised:
         build_ours(["model=ssd300", "input_size=[24,24]", "backbone.out_strides=[8,16,32]"], num_classes=3)
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_a_size_the_head_cannot_take_is_refused_with_the_part_that_needs_it():
+    from common import build_ours
+
+    # Faster R-CNN's head clips proposals to its stride-16 map's extent: it declares multiples of 16 itself,
+    # and Detector combines that with the backbone's own divisor (least common multiple)
+    small = ["model=faster_rcnn", "head.fc_width=16", "head.rpn_channels=16"]
+    with pytest.raises(InstantiationException,
+                       match=r"input_size \(376, 384\) is not a multiple of 16 \(the head FasterRCNNHead") as raised:
+        build_ours([*small, "input_size=[376,384]"], num_classes=3)
+    assert isinstance(raised.value.__cause__, ValueError)
+    module = build_ours([*small, "input_size=[384,384]", "backbone.size_divisor=24"], num_classes=3)
+    assert module.detector.size_requirements()["head"] == (1, 16) and module.detector.size_divisor == 48
+    # a size that meets one part's divisor but not the other's names both, and the multiple they make
+    with pytest.raises(InstantiationException, match=r"multiscale size \(400, 400\) is not a multiple of 48 "
+                       r"\(backbone.size_divisor 24; the head FasterRCNNHead takes multiples of 16\)") as raised:
+        build_ours([*small, "input_size=[480,480]", "backbone.size_divisor=24", "multiscale.sizes=[400,480]"],
+                   num_classes=3)
+    assert isinstance(raised.value.__cause__, ValueError)
 
 
 # ---- under a Lightning trainer: exact resume of the draws ------------------------------------------

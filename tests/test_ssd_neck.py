@@ -64,3 +64,20 @@ def test_identity_neck_passes_the_maps_and_says_what_they_are():
     neck = IdentityNeck((256, 512), (8, 16))
     maps = [torch.zeros(1, 256, 4, 4), torch.zeros(1, 512, 2, 2)]
     assert neck(maps) is maps and neck.out_channels == (256, 512) and neck.strides == (8, 16)
+
+
+def has_batch_norm(module):
+    return any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize("backbone,batch_norm", [("vgg16", False), ("vgg16_bn", True), ("mobilenet_v2", True)])
+def test_the_neck_takes_batch_norm_from_the_built_backbone_and_its_levels_from_the_head(backbone, batch_norm):
+    # no backbone key in the neck's config: Detector passes the backbone's uses_batch_norm (plain VGG16: the
+    # paper's SSD without BN); the level count is one per entry of the head's aspect_ratios
+    net = detector(["model=ssd300", f"backbone={backbone}", "head.priors.aspect_ratios=[[2],[2,3],[2,3],[2,3],[2]]"])
+    assert net.backbone.uses_batch_norm is batch_norm and has_batch_norm(net.neck) is batch_norm
+    assert len(net.neck.out_channels) == 5
+    # an explicit neck.batch_norm wins over the backbone's
+    assert has_batch_norm(detector(["model=ssd300", "backbone=vgg16", "neck.batch_norm=true"]).neck)
+    # attention blocks carry BatchNorm (CBAM's spatial gate), which does not make a plain VGG16 a BN one
+    assert not detector(["model=ssd300", "backbone=vgg16", "backbone.attention=cbam"]).backbone.uses_batch_norm

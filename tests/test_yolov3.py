@@ -84,16 +84,23 @@ def test_anchor_grid_slot_order_and_decode_match_each_level():
     assert grid.anchors[59].tolist() == [30, 80] and grid.anchors[1].tolist() == [8, 16]
     with pytest.raises(ValueError, match="equal groups"):
         YOLOAnchors(COCO_ANCHORS_416, (416, 416), num_levels=2)
-    # flattened decoding = the per-level decoding of YOLOv2's coder, level by level
+    # flattened decoding = the paper's decoding on each level's (B, h, w, A, 4) map, level by level
     coder, g = GridCoder(), torch.Generator().manual_seed(0)
     levels = [torch.rand(2, 4, 6, 2, 4, generator=g), torch.rand(2, 2, 3, 2, 4, generator=g)]
     flat = torch.cat([lv.reshape(2, -1, 4) for lv in levels], 1)
-    decoded = coder.decode_slots(flat[..., :2], flat[..., 2:], grid.cells, grid.strides, grid.anchors)
+    decoded = coder.decode(flat[..., :2], flat[..., 2:], grid.cells, grid.strides, grid.anchors)
     scaled = anchors.scaled((128, 96), "cpu")
-    expected = [coder.decode(lv[..., :2], lv[..., 2:], scaled[2 * i:2 * i + 2], (128, 96)).reshape(2, -1, 4)
-                for i, lv in enumerate(levels)]
+
+    def decode_level(t, level_anchors):  # t (B, h, w, A, 4) = sigmoid offsets, t_w, t_h
+        h, w = t.shape[1:3]
+        cx = (torch.arange(w).view(1, 1, w, 1) + t[..., 0]) * (96 / w)
+        cy = (torch.arange(h).view(1, h, 1, 1) + t[..., 1]) * (128 / h)
+        bw, bh = level_anchors[:, 0] * t[..., 2].exp(), level_anchors[:, 1] * t[..., 3].exp()
+        return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).reshape(2, -1, 4)
+
+    expected = [decode_level(lv, scaled[2 * i:2 * i + 2]) for i, lv in enumerate(levels)]
     assert torch.allclose(decoded, torch.cat(expected, 1))
-    offsets, log_wh = coder.encode_slots(decoded, grid.cells, grid.strides, grid.anchors)
+    offsets, log_wh = coder.encode(decoded, grid.cells, grid.strides, grid.anchors)
     assert torch.allclose(offsets, flat[..., :2], atol=1e-5) and torch.allclose(log_wh, flat[..., 2:], atol=1e-5)
 
 

@@ -39,7 +39,9 @@ class Backbone(nn.Module):
         mean, std: per-channel input normalisation on the 0..1 scale (the module applies it).
         min_size: smallest input side the backbone takes (its deepest map must keep >= 1 cell).
         size_divisor: input sides must be multiples of this (default 1: every layer here rounds odd maps
-            up, so any size works; a head whose grid must tile the image exactly, YOLO's, sets 32).
+            up, so any size works). What a neck or head needs of the input (a YOLO grid that must tile
+            it) they declare themselves; ``Detector`` combines the three.
+        uses_batch_norm: whether the backbone's own convs are batch-normalised (attention blocks aside).
         weights_source: where the weights came from, for the run log.
     """
 
@@ -62,6 +64,13 @@ class Backbone(nn.Module):
     @property
     def size_divisor(self) -> int:
         return int(self._size_divisor if self._size_divisor is not None else 1)
+
+    @property
+    def uses_batch_norm(self) -> bool:
+        """Any BatchNorm among the backbone's own layers (not counting attention blocks): parts built on
+        it follow suit (SSD's extra layers: none on plain VGG16, the paper's SSD for ImageNet weights)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and "attention" not in name.split(".")
+                   for name, m in self.named_modules())
 
 
 def check_out_strides(name: str, out_strides: Sequence[int], available: Mapping[int, int]) -> tuple[int, ...]:

@@ -9,7 +9,6 @@ state dicts of this module. darknet's weights see RGB in 0..1: the default mean/
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from detectors.backbones.attention import make_attention
 from detectors.backbones.base import UNIT_MEAN, UNIT_STD, SequentialBackbone, stack_with_pools
 from detectors.backbones.weights import load_darknet_weights
+from detectors.layers import ConvBN
 
 # YOLOv2 Table 6 up to its last 3x3 conv: (filters, kernel) or "M", a 2x2/2 max-pool
 DARKNET19_LAYERS: list[tuple[int, int] | str] = [
@@ -27,21 +27,6 @@ DARKNET19_LAYERS: list[tuple[int, int] | str] = [
 ]
 # YOLOv3 Table 1: (channels after the stage's stride-2 conv, residual blocks) for strides 2 .. 32
 DARKNET53_STAGES: list[tuple[int, int]] = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)]
-
-
-class ConvBN(nn.Sequential):
-    """darknet's convolutional layer: Conv2d (no bias) + BatchNorm2d + LeakyReLU(0.1), 'same' padding.
-
-    x (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1):
-        super().__init__(OrderedDict(
-            # darknet pads size // 2 (pad=1 in its cfgs), so a stride-2 3x3 conv gives ceil(H / 2)
-            conv=nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=False),
-            bn=nn.BatchNorm2d(out_ch),
-            act=nn.LeakyReLU(0.1, inplace=True),
-        ))
 
 
 class Residual(nn.Module):

@@ -114,8 +114,8 @@ class DivergenceGuard(L.Callback):
     **Immediate** (the CPU): the finite flag of the summed gradient norms is read at once and a bad
     step's gradients are dropped (``p.grad = None``, which every torch optimizer skips, momentum
     and Adam moments included). Reading it waits for the backward pass, which on the CPU has
-    finished anyway: the norm is the whole cost (SSD300: about 25 ms of a 10 s step of 4 images on one core;
-    the deferred mode's snapshot below would add about 0.2 s there).
+    finished anyway: the norm is the whole cost, less than the deferred mode's snapshot below would add
+    there (BENCHMARKS.md, "Training loop vs isolated step").
 
     **Deferred** (a GPU): reading the flag at once would stall the host until the GPU drains,
     every step. Nor can a step be made a no-op on the device by the gradients alone (zero
@@ -136,9 +136,8 @@ class DivergenceGuard(L.Callback):
     over them per step (some 1.4 GB of memory traffic for SSD300 with SGD, under a millisecond on an
     H200) and a few kernels per ``_foreach_copy_``, whatever the number of tensors. The host's work
     per step is one pass over the tensors' ids (the snapshot plan is kept while they stay the same
-    objects): on the GPU the first version's per-tensor ``torch.where`` and plan cost SSDLite's
-    launch-bound step 33 ms of host time (``trainer.fit`` at 0.57x the isolated step on an H200;
-    BENCHMARKS.md). With 'stop' the run ends at the next step (or epoch end) with the bad
+    objects), since host time adds to every launch-bound GPU step (SSDLite's; BENCHMARKS.md, "Training
+    loop vs isolated step"). With 'stop' the run ends at the next step (or epoch end) with the bad
     step's numbers, its update reverted. Sync-free designs that keep less were rejected: zeroing
     the gradients on the device still moves momentum, Adam's moments and weight decay; the fused
     optimizers' ``found_inf`` skip serves only ``fused=True`` optimizers; GradScaler's own skip

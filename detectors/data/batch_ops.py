@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detectors.boxes import scale_boxes
+from detectors.boxes import in_dtype, scale_boxes, scale_xy
 
 _MIXUP_STREAM, _MULTISCALE_STREAM = 0, 1  # separate random streams from one seed
 
@@ -92,9 +92,10 @@ def resize_batch(batch: dict[str, Tensor], size: tuple[int, int]) -> dict[str, T
     out["boxes"] = scale_boxes(batch["boxes"], from_size, size)
     if "frames" in batch:
         # x' = x W'/W = x0 (scale_x W'/W) + pad_left W'/W: scales and paddings scale alike
-        rx, ry = size[1] / from_size[1], size[0] / from_size[0]
+        # (Python numbers, not a tensor of them: nothing copied to the device in a training step)
         frames = batch["frames"]
-        out["frames"] = frames * torch.tensor([rx, ry, rx, ry], dtype=frames.dtype, device=frames.device)
+        rx, ry = (in_dtype(r, frames.dtype) for r in (size[1] / from_size[1], size[0] / from_size[0]))
+        out["frames"] = scale_xy(frames, rx, ry)
     return out
 
 
@@ -159,16 +160,14 @@ class MultiScale:
     The cost is loader work at the largest size for every batch: decoding is the same (it happens at
     the file's size), while the resize output, the augmentations after it, the collate and the
     transfer grow with the largest area instead of the mean drawn one (608^2 is 1.65x the mean of
-    s^2 over YOLOv2's 320..608). Measured on BCCD (BENCHMARKS.md, "Multi-scale training"), a 608
-    image costs 1.3-1.6x the CPU time of the mean over 320..608, and 1.4-2.0x that of the 416 image
-    the loader made before (which was then enlarged). That is acceptable: it asks for more loader
-    workers, not another model or result (at the measured 150 images per core-second at 608, 16
-    workers make about 2400 img/s), and the network's step grows with the area as well; the shrink
-    itself is one interpolate of the batch on the device. A loader that makes each batch at its own
-    drawn size would save it, at the price of moving the draw into a batch sampler (sizes from
-    (seed, epoch, batch of the epoch), which a mid-epoch resume replays), one augmentation pipeline
-    per size in the dataset, and a module that no longer draws; until the loader is the bottleneck
-    the draw stays here, keyed by Lightning's batch counter, which exact resume restores.
+    s^2 over YOLOv2's 320..608; what that costs: BENCHMARKS.md, "Multi-scale training"). That is
+    acceptable: it asks for more loader workers, not another model or result, and the network's step
+    grows with the area as well; the shrink itself is one interpolate of the batch on the device. A
+    loader that makes each batch at its own drawn size would save it, at the price of moving the draw
+    into a batch sampler (sizes from (seed, epoch, batch of the epoch), which a mid-epoch resume
+    replays), one augmentation pipeline per size in the dataset, and a module that no longer draws;
+    until the loader is the bottleneck the draw stays here, keyed by Lightning's batch counter, which
+    exact resume restores.
 
     Args:
         sizes: input sizes, each an int (square) or (H, W); e.g. 320, 352, ..., 608.

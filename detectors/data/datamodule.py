@@ -29,8 +29,7 @@ class DetectionDataModule(L.LightningDataModule):
             ``train_input_size`` resolver), which the module shrinks each batch from to its drawn
             size: an image of a large drawn size then holds what the file shows at that size, not an
             enlarged small one. Every batch then costs the loader the largest size's resize,
-            augmentation and transfer (decoding is unchanged): 1.3-1.6x the CPU time per image of
-            the mean drawn size over YOLOv2's 320..608 (BENCHMARKS.md, "Multi-scale training");
+            augmentation and transfer (decoding is unchanged; BENCHMARKS.md, "Multi-scale training");
             ``MultiScale`` says why this is preferred to a loader that knows each batch's size.
         augment: keyword arguments of ``build_transform`` for training (``preset`` = 'ssd', ...),
             plus ``eval_resize``: how evaluation resizes, 'stretch' (default: to ``input_size``,

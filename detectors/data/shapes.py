@@ -22,10 +22,9 @@ Determinism: ``sample(i)`` draws only from ``np.random.default_rng([seed, i])``
 (plus a noise tile fixed at construction), so any worker can generate any index
 in any order; different seeds give different datasets (train 0, val 1, ...).
 
-Speed: 1.5-1.75 ms per 300x300 image (4.4 objects on average), ~2.5 ms at 512x512,
-on one core (``cv2.setNumThreads(1)``) of a 2-vCPU Xeon VM, 3 x 2000 images. All
-full-image work is cv2 on uint8 (numpy ops over a trailing RGB axis are several
-times slower); shapes are rasterised into small ROIs.
+Speed (what it costs: BENCHMARKS.md, "Data loading"): all full-image work is cv2 on
+uint8 (numpy ops over a trailing RGB axis are several times slower); shapes are
+rasterised into small ROIs.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from detectors.anchors import RPNAnchors
 from detectors.boxes import DeltaBoxCoder, clip_boxes
 from detectors.heads.roi import RoIBoxHead, RoISamples, roi_loss, sample_rois
 from detectors.heads.rpn import RPNHead, rpn_loss, rpn_targets, select_proposals
-from detectors.losses import BOX_LOSSES, CLASS_LOSSES, OBJECTNESS_LOSSES, SIGMOID_CLASS_LOSSES, choose_losses
+from detectors.losses import BOX_LOSSES, CLASS_LOSSES, OBJECTNESS_LOSSES, choose_losses, class_probabilities
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
 
@@ -60,8 +60,8 @@ class FasterRCNNHead(nn.Module):
 
     The head's forward does not see the input size, so anchors lie on the map's cells at ``stride`` and
     proposals are clipped to the map's extent (h stride, w stride): the input itself when its sides are
-    multiples of the stride (the model config sets ``backbone.size_divisor`` to 16), and predictions are
-    clipped to the true input size in ``predict``.
+    multiples of the stride, which the head therefore requires (``size_divisor``, checked when the model
+    is built), and predictions are clipped to the true input size in ``predict``.
 
     Args:
         in_channels: channels of the neck's one map (set by ``Detector``).
@@ -123,6 +123,8 @@ class FasterRCNNHead(nn.Module):
                              f"{len(in_channels)} at strides {list(strides)}")
         self.num_classes = num_classes
         self.stride = float(strides[0])
+        # proposals are clipped to the map's extent: it must be the input's (see above)
+        self.size_divisor = int(strides[0])
         self.anchors = RPNAnchors(anchor_sizes, aspect_ratios)
         self.rpn_coder = DeltaBoxCoder((1.0, 1.0, 1.0, 1.0))
         self.roi_coder = DeltaBoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -157,9 +159,12 @@ class FasterRCNNHead(nn.Module):
         extent = (int(feature_shape[0] * self.stride), int(feature_shape[1] * self.stride))
         phase = "train" if self.training else "test"
         with stage("proposals"):
+            # with targets (a training step): the NMS that reads nothing back from the device (no host sync in
+            # a step); without (evaluation, which syncs for its per-image results anyway): the fastest exact one
             proposals, _, valid = select_proposals(
                 objectness, rpn_deltas, anchors, self.rpn_coder, extent, self.rpn_pre_nms_top_k[phase],
-                self.rpn_post_nms_top_k[phase], self.rpn_nms_threshold, self.rpn_min_size, self.rpn_score_threshold)
+                self.rpn_post_nms_top_k[phase], self.rpn_nms_threshold, self.rpn_min_size, self.rpn_score_threshold,
+                nms_strategy="scan" if targets is not None else None)
         if targets is None:
             cls_logits, box_deltas = self.roi_head(feat, proposals, valid)
             return FasterRCNNRaw(objectness, rpn_deltas, proposals, valid, cls_logits, box_deltas, feature_shape)
@@ -192,8 +197,7 @@ class FasterRCNNHead(nn.Module):
     def predict(self, raw: FasterRCNNRaw, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Returns one dict per image: boxes (N, 4) xyxy in pixels of the input, scores (N,) descending,
         labels (N,) 0..C-1."""
-        logits = raw.cls_logits.float()
-        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
+        scores = class_probabilities(self.losses, raw.cls_logits.float(), background=True)
         scores = scores * raw.roi_valid.unsqueeze(-1)  # (B, K, C); padding scores 0, under any threshold
         references = box_convert(raw.rois.float(), "xyxy", "cxcywh").unsqueeze(2)  # (B, K, 1, 4)
         boxes = clip_boxes(self.roi_coder.decode(raw.box_deltas.float(), references), image_size)  # (B, K, C, 4)

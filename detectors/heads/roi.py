@@ -13,8 +13,7 @@ from torchvision.ops import box_convert, roi_align, roi_pool
 
 from detectors.assign import gather_gt, match_by_threshold, sample_balanced
 from detectors.boxes import DeltaBoxCoder
-from detectors.losses import IOU_LOSSES, SIGMOID_CLASS_LOSSES, LossChoice, box_regression_loss, sigmoid_class_loss, \
-    softmax_focal_loss
+from detectors.losses import LossChoice, class_loss, delta_box_loss
 
 
 class RoIBoxHead(nn.Module):
@@ -149,19 +148,9 @@ def roi_loss(logits: Tensor, deltas: Tensor, samples: RoISamples, coder: DeltaBo
 
     logits (B, S, C + 1), deltas (B, S, C, 4) -> (loss_cls, loss_box).
     """
-    logits, labels = logits.float(), samples.labels
+    labels = samples.labels
     num_sampled = samples.valid.sum().clamp(min=1).float()
-    if losses.cls == "ce":
-        per_roi = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    elif losses.cls == "softmax_focal":
-        per_roi = softmax_focal_loss(logits.flatten(0, 1), labels.flatten(), losses.focal_gamma).view_as(labels)
-    elif losses.cls in SIGMOID_CLASS_LOSSES:
-        one_hot = F.one_hot(labels, logits.shape[-1])[..., 1:]  # background: all zeros
-        per_roi = sigmoid_class_loss(losses.cls, logits[..., 1:], one_hot, losses.focal_alpha,
-                                     losses.focal_gamma).sum(-1)
-    else:
-        raise ValueError(f"the RoI head has no class loss {losses.cls!r}")
-    loss_cls = (per_roi * samples.weight).sum() / num_sampled
+    loss_cls = (class_loss(losses, logits.float(), labels, background=True) * samples.weight).sum() / num_sampled
 
     foreground = labels > 0
     index = (labels - 1).clamp(min=0)[..., None, None].expand(-1, -1, 1, 4)
@@ -169,10 +158,6 @@ def roi_loss(logits: Tensor, deltas: Tensor, samples: RoISamples, coder: DeltaBo
     references = box_convert(samples.boxes, "xyxy", "cxcywh")
     # padding's zero boxes would give infinite targets (and NaN gradients through the mask)
     references = torch.cat([references[..., :2], references[..., 2:].clamp(min=1e-3)], dim=-1)
-    if losses.box in IOU_LOSSES:
-        per_box = box_regression_loss(losses.box, coder.decode(pred, references), samples.matched_boxes)
-    else:
-        per_box = box_regression_loss(losses.box, pred, coder.encode(samples.matched_boxes, references),
-                                      losses.smooth_l1_beta)
+    per_box = delta_box_loss(losses, pred, samples.matched_boxes, coder, references)
     loss_box = torch.where(foreground, per_box * samples.weight, 0.0).sum() / num_sampled
     return loss_cls, loss_box

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from detectors.assign import gather_gt, match_by_threshold, sample_balanced
 from detectors.boxes import DeltaBoxCoder, clip_boxes
-from detectors.losses import IOU_LOSSES, LossChoice, box_regression_loss, objectness_loss
+from detectors.losses import LossChoice, delta_box_loss, objectness_loss
 from detectors.postprocess import grouped_nms
 
 
@@ -47,13 +47,16 @@ class RPNHead(nn.Module):
 @torch.compiler.disable  # data-dependent NMS: eager even under model.compile
 def select_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, coder: DeltaBoxCoder,
                      image_size: tuple[int, int], pre_nms_top_k: int, post_nms_top_k: int, nms_threshold: float,
-                     min_size: float = 1e-3, score_threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                     min_size: float = 1e-3, score_threshold: float = 0.0,
+                     nms_strategy: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The RPN's proposals for every image at once, as torchvision's ``RegionProposalNetwork.filter_proposals``
     selects them for one level: per image the ``pre_nms_top_k`` anchors of highest objectness, decoded and
     clipped to ``image_size``, without boxes narrower or lower than ``min_size`` or scoring (sigmoid) under
     ``score_threshold``, NMS at ``nms_threshold`` (exact per-image greedy NMS, one call for the batch:
     ``postprocess.grouped_nms`` with the image as the group), then the best ``post_nms_top_k`` survivors.
     Nothing here is differentiated (the paper's approximate joint training: no gradient through proposals).
+    ``nms_strategy``: ``grouped_nms``'s strategy; ``"scan"`` (the training step's) reads nothing back from
+    the device, so the whole selection runs without a host sync; None: its rule (per-image ``nms`` calls).
 
     Args:
         objectness: (B, A) logits; deltas: (B, A, 4); anchors: (A, 4) cxcywh.
@@ -69,7 +72,7 @@ def select_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, coder:
     scores = logits.sigmoid()
     wh = boxes[..., 2:] - boxes[..., :2]
     valid = (wh >= min_size).all(-1) & (scores >= score_threshold)
-    kept = grouped_nms(boxes, scores, valid, nms_threshold)  # (B, k), in score order
+    kept = grouped_nms(boxes, scores, valid, nms_threshold, nms_strategy)  # (B, k), in score order
     kept &= kept.cumsum(1) <= post_nms_top_k
     # the kept ones of each row to the front, in their score order (a stable sort of "not kept")
     slots = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :min(post_nms_top_k, k)]
@@ -120,11 +123,7 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, anchors: Tensor, t: RPNTargets,
     num_sampled = (t.positive | t.negative).sum().clamp(min=1).float()
     per_anchor = objectness_loss(losses.obj, objectness, t.positive.float(), losses.focal_alpha, losses.focal_gamma)
     loss_objectness = (per_anchor * t.weight).sum() / num_sampled
-    deltas = deltas.float()
-    if losses.box in IOU_LOSSES:
-        per_box = box_regression_loss(losses.box, coder.decode(deltas, anchors), t.matched_boxes)
-    else:
-        per_box = box_regression_loss(losses.box, deltas, coder.encode(t.matched_boxes, anchors), losses.smooth_l1_beta)
+    per_box = delta_box_loss(losses, deltas.float(), t.matched_boxes, coder, anchors)
     # torch.where, not a product: a negative's target can be far off (0 x inf would be NaN)
     loss_box = torch.where(t.positive, per_box * t.weight, 0.0).sum() / num_sampled
     return loss_objectness, loss_box

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.anchors import SSDPriors
@@ -19,13 +18,12 @@ from detectors.boxes import DeltaBoxCoder, clip_boxes
 from detectors.losses import (
     BOX_LOSSES,
     CLASS_LOSSES,
-    IOU_LOSSES,
     SIGMOID_CLASS_LOSSES,
-    box_regression_loss,
     choose_losses,
+    class_loss,
+    class_probabilities,
+    delta_box_loss,
     hard_negative_mask,
-    sigmoid_class_loss,
-    softmax_focal_loss,
 )
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
@@ -88,13 +86,9 @@ class SSDHead(nn.Module):
         self.num_classes = num_classes
         self.priors = priors or SSDPriors()
         self.coder = DeltaBoxCoder.from_variances(tuple(variances))
-        self.iou_threshold = iou_threshold
-        self.neg_pos_ratio = neg_pos_ratio
-        self.min_negatives = min_negatives
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
-        self.pre_nms_top_k = pre_nms_top_k
+        self.iou_threshold, self.neg_pos_ratio, self.min_negatives = iou_threshold, neg_pos_ratio, min_negatives
+        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        self.max_detections, self.pre_nms_top_k = max_detections, pre_nms_top_k
         per_cell = self.priors.num_priors_per_cell
         if len(per_cell) != len(in_channels):
             raise ValueError(f"SSDHead has {len(in_channels)} input levels but the priors define {len(per_cell)}")
@@ -155,30 +149,16 @@ class SSDHead(nn.Module):
                        ignore: Tensor, pos_weight: Tensor) -> dict[str, Tensor]:
         """labels (B, A) with 0 = background; matched_boxes (B, A, 4); positive/ignore (B, A) bool;
         pos_weight (B, A) per-box weight on positives, 0 elsewhere."""
-        logits = raw.cls_logits.float()
         num_pos = positive.sum().clamp(min=1).float()
+        per_prior = class_loss(self.losses, raw.cls_logits.float(), labels, background=True)
         if self.losses.cls == "ce":
-            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).float()
-            negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
-            loss_cls = ((ce * pos_weight).sum() + (ce * negative).sum()) / num_pos
+            negative = hard_negative_mask(per_prior, positive, self.neg_pos_ratio, self.min_negatives, exclude=ignore)
+            loss_cls = ((per_prior * pos_weight).sum() + (per_prior * negative).sum()) / num_pos
         else:
             # every prior that is not ignored: positives weighted by their box's weight, the rest by 1
             weight = torch.where(positive, pos_weight, (~ignore).float())
-            if self.losses.cls == "softmax_focal":
-                per_prior = softmax_focal_loss(logits.flatten(0, 1), labels.flatten(),
-                                               self.losses.focal_gamma).view_as(labels)
-            else:
-                one_hot = F.one_hot(labels, self.num_classes + 1)[..., 1:]  # background: all zeros
-                per_prior = sigmoid_class_loss(self.losses.cls, logits[..., 1:], one_hot, self.losses.focal_alpha,
-                                               self.losses.focal_gamma).sum(-1)
             loss_cls = (per_prior * weight).sum() / num_pos
-
-        offsets = raw.box_offsets.float()
-        if self.losses.box in IOU_LOSSES:
-            per_box = box_regression_loss(self.losses.box, self.coder.decode(offsets, priors), matched_boxes)
-        else:
-            per_box = box_regression_loss(self.losses.box, offsets, self.coder.encode(matched_boxes, priors),
-                                          self.losses.smooth_l1_beta)
+        per_box = delta_box_loss(self.losses, raw.box_offsets.float(), matched_boxes, self.coder, priors)
         # torch.where, not a product: an unmatched prior's target can be far off (its IoU loss is finite,
         # but 0 x inf would not be)
         loss_box = torch.where(positive, per_box * pos_weight, 0.0).sum() / num_pos
@@ -189,8 +169,7 @@ class SSDHead(nn.Module):
         (B, A, C) per foreground class (the softmax's foreground columns, or each class's own sigmoid
         under loss.cls=bce or focal). What ``predict`` runs NMS on, and what an exported model outputs."""
         priors = self.make_priors(raw, image_size)
-        logits = raw.cls_logits.float()
-        scores = logits[..., 1:].sigmoid() if self.losses.cls in SIGMOID_CLASS_LOSSES else logits.softmax(-1)[..., 1:]
+        scores = class_probabilities(self.losses, raw.cls_logits.float(), background=True)
         return clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size), scores
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ darknet's v1 ``detection`` layer for the parametrisation, the assignment and the
 
 The FC layers fix the input size: the head is built for one ``input_size`` and refuses any other.
 ``fully_connected=False`` puts a 1x1 conv in their place (each cell from its own features, any size):
-what learned on BCCD from scratch, where the FC gave every image the same boxes.
+what the BCCD recipe trains, as the FC learned no image-dependent boxes there (BENCHMARKS.md, "Training runs").
 The grid is the head's last conv map, ``ceil(H / 64) x ceil(W / 64)`` on a stride-32 backbone map
 (7 x 7 at the paper's 448 px): one output cell per conv cell, as in the paper.
 """
@@ -20,16 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from detectors.assign import cells_of_centres, gather_gt, owner_of_slots
-from detectors.backbones.darknet import ConvBN
 from detectors.boxes import batched_box_iou, clip_boxes
+from detectors.layers import ConvBN
 from detectors.losses import (
     BOX_LOSSES,
+    CLASS_LOSSES,
     IOU_LOSSES,
+    OBJECTNESS_LOSSES,
     box_regression_loss,
     choose_losses,
+    class_loss,
+    class_probabilities,
     objectness_loss,
-    sigmoid_class_loss,
-    softmax_focal_loss,
 )
 from detectors.postprocess import multiclass_nms
 from detectors.timing import stage
@@ -99,17 +101,13 @@ class YOLOv1Head(nn.Module):
         fc_width: units of the first FC layer (4096).
         dropout: after the first FC (0.5).
         fc_batch_norm: BatchNorm on the first FC's outputs, before its leaky ReLU (darknet's ``[connected]
-            batch_normalize=1``; not in the paper, off by default). From scratch without it the first
-            FC's units died on BCCD (99% of 1024 below zero after 600 steps: Adam moves each (C S_h S_w)-wide
-            row by lr per weight and step) and the output became one fixed set of boxes whatever the image
-            (15x less variation between images than between cells); with it 65% stayed alive, but after 8
-            epochs the output was still the same for every image (val mAP@0.5 <= 0.02), and a batch of two
-            normalises each unit to +-1 (the overfit preset's two images: val mAP@0.5 0.6 with it, >= 0.9
-            without). Needs training batches of two or more. ``fully_connected=False`` is what learned on BCCD.
+            batch_normalize=1``; not in the paper, off by default: from scratch it keeps the FC's units
+            alive, yet the FC still gave every image the same boxes, and a batch of two normalises each
+            unit to +-1; BENCHMARKS.md, "Training runs"). Needs training batches of two or more.
         fully_connected: False: a 1x1 conv predicts each cell's 5B + C outputs from that cell's features
             (weights shared by the cells, any input size) in place of the two FC layers; ``dropout`` then
             drops whole channels (``Dropout2d``). On BCCD from scratch it learned where the FC did not
-            (BENCHMARKS.md).
+            (BENCHMARKS.md, "Training runs").
         num_boxes: predictors per cell B (2).
         coord_scale: lambda_coord on x, y, sqrt(w), sqrt(h) of responsible predictors (5).
         noobj_scale: lambda_noobj on the confidence of every other predictor (0.5).
@@ -167,8 +165,7 @@ class YOLOv1Head(nn.Module):
         self.max_detections = max_detections
         self.pre_nms_top_k = pre_nms_top_k
         self.losses = choose_losses("YOLOv1", losses, {"box": "sse", "cls": "sse", "obj": "sse"},
-                                    {"box": BOX_LOSSES, "cls": ("sse", "ce", "softmax_focal", "bce", "focal"),
-                                     "obj": ("sse", "bce", "focal")})
+                                    {"box": BOX_LOSSES, "cls": ("sse", *CLASS_LOSSES), "obj": OBJECTNESS_LOSSES})
         # Fig. 3: 3x3/1, 3x3/2 (14 -> 7 at 448 px), 3x3/1, 3x3/1; BN (not in the paper, which
         # fine-tunes a pretrained net) since the whole net trains from scratch here
         self.convs = nn.Sequential(ConvBN(in_channels[0], channels, 3), ConvBN(channels, channels, 3, stride=2),
@@ -256,7 +253,7 @@ class YOLOv1Head(nn.Module):
                                             self.losses.focal_gamma)
             loss_obj = self.obj_scale * (obj_per * resp_weight).sum() / batch
             loss_noobj = self.noobj_scale * (noobj_per * noobj).sum() / batch
-            loss_cls = self.cls_scale * (self._class_loss(probs, labels) * weight).sum() / batch
+            loss_cls = self.cls_scale * (class_loss(self.losses, probs, labels) * weight).sum() / batch
         return {"loss": loss_box + loss_obj + loss_noobj + loss_cls, "loss_box": loss_box, "loss_obj": loss_obj,
                 "loss_noobj": loss_noobj, "loss_cls": loss_cls}
 
@@ -271,18 +268,6 @@ class YOLOv1Head(nn.Module):
         return box_regression_loss(self.losses.box, boxes, a.target.unsqueeze(2).expand_as(boxes),
                                    self.losses.smooth_l1_beta)
 
-    def _class_loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        """(B, cells) class loss of each cell's C outputs against its label."""
-        name = self.losses.cls
-        if name == "sse":  # the paper's: the linear probabilities' squared error
-            return (outputs - nn.functional.one_hot(labels, self.num_classes).float()).square().sum(-1)
-        if name == "ce":
-            return nn.functional.cross_entropy(outputs.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        if name == "softmax_focal":
-            return softmax_focal_loss(outputs.flatten(0, 1), labels.flatten(), self.losses.focal_gamma).view_as(labels)
-        one_hot = nn.functional.one_hot(labels, self.num_classes)
-        return sigmoid_class_loss(name, outputs, one_hot, self.losses.focal_alpha, self.losses.focal_gamma).sum(-1)
-
     def decode_scores(self, raw: YOLOv1Raw, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Every predictor decoded, in (row, col, predictor) order: boxes (B, S_h S_w num_boxes, 4) xyxy
         pixels of the input, clipped to it, and class scores (B, S_h S_w num_boxes, C) = confidence x class
@@ -294,10 +279,7 @@ class YOLOv1Head(nn.Module):
         boxes = clip_boxes(decode_boxes(raw.boxes.float(), image_size), image_size).reshape(batch, -1, 4)
         conf, probs = raw.confidence.float(), raw.class_probs.float()  # (B, S_h, S_w, nb), (B, S_h, S_w, C)
         conf = conf.clamp(0, 1) if self.losses.obj == "sse" else conf.sigmoid()
-        if self.losses.cls == "sse":
-            probs = probs.clamp(0, 1)
-        else:
-            probs = probs.softmax(-1) if self.losses.cls in ("ce", "softmax_focal") else probs.sigmoid()
+        probs = class_probabilities(self.losses, probs)
         return boxes, (conf.unsqueeze(-1) * probs.unsqueeze(-2)).reshape(batch, -1, self.num_classes)
 
     @torch.no_grad()

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.backbones.darknet import ConvBN
-from detectors.layers import init_kaiming
+from detectors.layers import ConvBN, init_kaiming
 
 
 class PassthroughNeck(nn.Module):

@@ -57,13 +57,17 @@ class SSDExtras(nn.Module):
 
     Args:
         in_channels, in_strides: the backbone's ``out_channels`` and ``strides`` (set by ``Detector``).
-        num_levels: feature maps the head predicts on (SSD300: 6, SSD512: 7, SSDLite: 6).
+        num_levels: feature maps the head predicts on (SSD300: 6, SSD512: 7, SSDLite: 6; the configs take
+            it from the head's ``priors.aspect_ratios``, one entry per level).
         fc7: {channels, dilation} of SSD's conv6/conv7 on the deepest backbone map (pool 3x3/1, 3x3 conv
             with that dilation, 1x1 conv), whose output replaces that map; None: the map goes on as it is.
         blocks: extra blocks (mid_channels, out_channels, stride, padding[, kernel_size]); the last
             ``num_levels - len(in_channels)`` are used, so a backbone returning more maps needs fewer
             extras (the SSD300 list turns a 19x19 map into 10, 5, 3 and 1; a 10x10 one takes the last three).
-        batch_norm: BatchNorm after every conv (from-scratch training).
+        batch_norm: BatchNorm after every conv (from-scratch training); None: as the backbone's convs
+            (``in_batch_norm``).
+        in_batch_norm: whether the backbone's convs are batch-normalised (its ``uses_batch_norm``; set by
+            ``Detector``).
         l2norm_scale: initial L2Norm scale on the first map for 512 channels (SSD's 20; scaled by
             sqrt(C / 512) for a map of C channels); None: no L2Norm.
         depthwise: SSDLite's depthwise separable extra blocks.
@@ -78,12 +82,14 @@ class SSDExtras(nn.Module):
         num_levels: int = 6,
         fc7: Mapping[str, int] | None = None,
         blocks: Sequence[Sequence[int]] = ((256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)),
-        batch_norm: bool = True,
+        batch_norm: bool | None = None,
         l2norm_scale: float | None = 20.0,
         depthwise: bool = False,
+        in_batch_norm: bool = True,
     ):
         super().__init__()
         in_channels, in_strides = tuple(int(c) for c in in_channels), tuple(int(s) for s in in_strides)
+        batch_norm = in_batch_norm if batch_norm is None else batch_norm
         num_extras = num_levels - len(in_channels)
         if num_extras < 0 or num_extras > len(blocks):
             raise ValueError(

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.backbones.darknet import ConvBN
-from detectors.layers import init_kaiming
+from detectors.layers import ConvBN, init_kaiming
 
 
 def five_conv_block(in_channels: int, channels: int) -> nn.Sequential:

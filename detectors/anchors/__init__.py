@@ -344,10 +344,3 @@ def mean_best_iou(wh: Tensor, anchors: Tensor | Sequence[Sequence[float]]) -> fl
     anchors = torch.as_tensor(anchors, dtype=torch.float64)
     return float(shape_iou(wh.double(), anchors).amax(1).mean())
 
-
-if __name__ == "__main__":
-    import sys
-
-    from detectors.tasks.anchors import main
-
-    sys.exit(main())
