@@ -39,12 +39,14 @@ def record_inputs(monkeypatch, module, seen: dict):
     def ours(overrides, num_classes):
         m = real_ours(overrides, num_classes)
         seen["ours classes"] = m.detector.head.num_classes + 1
+        seen["ours model"] = m
         m.detector.register_forward_pre_hook(keep("ours"))
         return m
 
     def theirs(**kwargs):
         m = real_theirs(**kwargs)
         seen["torchvision classes"] = m.head.classification_head.num_columns
+        seen["torchvision model"] = m
         m.backbone.register_forward_pre_hook(keep("torchvision"))
         return m
 
@@ -126,9 +128,38 @@ def test_backbone_benchmark_times_ours_beside_torchvision_on_the_same_architectu
 
 
 @pytest.mark.slow
-def test_rcnn_throughput_times_ours_torchvision_and_the_floor(tmp_path, capsys):
+def test_rcnn_throughput_times_ours_torchvision_and_the_floor(tmp_path, monkeypatch, capsys):
     import rcnn_throughput
+    import torchvision.models.detection as tvd
 
+    # what each side is given: the batch (made once per side), the input its network sees, classes and anchors
+    batches, seen = [], {}
+    real_batch, real_ours, real_theirs = rcnn_throughput.rect_batch, rcnn_throughput.build_ours, tvd.FasterRCNN
+
+    def rect_batch(args, device):
+        batches.append(real_batch(args, device))
+        return batches[-1]
+
+    def keep(key):
+        def hook(_, args):
+            seen.setdefault(key, tuple(args[0].shape))
+        return hook
+
+    def ours(overrides, num_classes):
+        m = real_ours(overrides, num_classes)
+        seen["ours"] = m
+        m.detector.backbone.register_forward_pre_hook(keep("ours input"))
+        return m
+
+    def theirs(backbone, **kwargs):
+        m = real_theirs(backbone, **kwargs)
+        seen["torchvision"] = m
+        backbone.register_forward_pre_hook(keep("torchvision input"))
+        return m
+
+    monkeypatch.setattr(rcnn_throughput, "rect_batch", rect_batch)
+    monkeypatch.setattr(rcnn_throughput, "build_ours", ours)
+    monkeypatch.setattr(tvd, "FasterRCNN", theirs)
     out = rcnn_throughput.main(["--device", "cpu", "--batch", "1", "--height", "128", "--width", "192", "--warmup", "0",
                                 "--iters", "1", "--no-amp", "--num-classes", "3", "--json", str(tmp_path / "r.json")])
     rows = ["ours", "torchvision FasterRCNN", "VGG16 conv5_3 fwd+bwd (floor)"]
@@ -141,3 +172,12 @@ def test_rcnn_throughput_times_ours_torchvision_and_the_floor(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Faster R-CNN training step, VGG16 conv5_3, batch 1, 128x192, fp32, cpu" in text
     assert list(printed_rows(text, rows, 2)) == rows
+    # both sides trained on the same images and boxes, at the same size (torchvision resized nothing), with
+    # heads for the same classes and the same anchors
+    assert len(batches) == 2 and all(torch.equal(batches[0][k], batches[1][k]) for k in ("images", "boxes", "labels"))
+    assert batches[0]["boxes"].shape == (1, 6, 4) and (batches[0]["boxes"][..., 2:] <= torch.tensor([192, 128])).all()
+    assert seen["ours input"] == seen["torchvision input"] == (1, 3, 128, 192)
+    ours_head, theirs = seen["ours"].detector.head, seen["torchvision"]
+    assert ours_head.num_classes + 1 == theirs.roi_heads.box_predictor.cls_score.out_features == 4
+    assert tuple(ours_head.anchors.sizes) == theirs.rpn.anchor_generator.sizes[0] == (128, 256, 512)
+    assert ours_head.roi_head.fc6.out_features == theirs.roi_heads.box_head.fc6.out_features == 1024

@@ -248,8 +248,36 @@ def test_deferred_guard_on_the_gpu_never_syncs_and_still_skips(monkeypatch, opti
     assert not same(recorder.records[3], recorder.records[4])
 
 
+class SlowBackward(torch.autograd.Function):
+    """The identity, whose backward takes 20 ms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import time
+
+        time.sleep(0.02)
+        return grad
+
+
+class SlowBatches(torch.utils.data.Dataset):
+    """Toy's batches, each taking 20 ms to load."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(0.02)
+        return {"x": torch.ones(2, 2) * (i + 1)}
+
+
 class Staged(Toy):
-    """A step whose forward/assign/loss take known times."""
+    """A step whose data wait, forward, assign, loss and backward take known times."""
 
     def training_step(self, batch, batch_idx):
         import time
@@ -261,21 +289,43 @@ class Staged(Toy):
             time.sleep(0.03)
         with stage("loss"):
             time.sleep(0.01)
-            return self.layer(batch["x"]).pow(2).mean()
+            return SlowBackward.apply(self.layer(batch["x"]).pow(2).mean())
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(SlowBatches(), batch_size=None)
 
 
 def test_step_time_breakdown_attributes_each_stage(caplog):
     import logging
+    import time
 
     from detectors.callbacks.step_time import StepTimeBreakdown
 
-    timer = StepTimeBreakdown(every_n_steps=1000, skip_first=0)
+    class Clock(L.Callback):
+        """When each step starts and ends, seen by a callback beside the timer."""
+
+        def __init__(self):
+            self.starts, self.ends = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.starts.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.ends.append(time.perf_counter())
+
+    timer, clock = StepTimeBreakdown(every_n_steps=1000, skip_first=0), Clock()
     with caplog.at_level(logging.INFO):
-        fit(Staged(bad_step=-1), timer)
+        fit(Staged(bad_step=-1), timer, clock)
     means = timer.means_ms()
     assert set(means) == {"data_wait", "forward", "assign", "loss", "backward", "optimizer"}
     assert 28 <= means["assign"] < 60 and 8 <= means["loss"] < 40 and 18 <= means["forward"] < 60
-    assert all(v >= 0 for v in means.values())
+    assert 18 <= means["backward"] < 60
+    assert 0.75 * 18 <= means["data_wait"] < 60  # the first step has no wait (its batch came before the timer)
+    # the stages partition the time: over the 4 steps they add up to the wall time from the first step's
+    # start to the last one's end (each step's data wait is the gap since the previous one ended), no
+    # interval counted twice or lost (the two callbacks read the clock a few microseconds apart)
+    assert len(clock.ends) == 4
+    assert 4 * sum(means.values()) == pytest.approx(1000 * (clock.ends[-1] - clock.starts[0]), abs=3)
 
 
 def test_progress_bar_reads_the_loss_every_n_steps_only():

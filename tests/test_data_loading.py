@@ -133,13 +133,39 @@ def test_workers_read_the_cache_without_copying_it(bccd_root):
 
 
 @pytest.mark.slow
-def test_data_throughput_benchmark_runs(bccd_root, tmp_path):
+def test_data_throughput_benchmark_runs(bccd_root, tmp_path, monkeypatch):
+    """Timed with a clock that advances 0.5 s per reading, every rate is the number of images the timed
+    batches held over 0.5 s: 6 images asked for are 2 batches of 4, 8 images (not 6, nor 2 batches, nor
+    the warm-up's batches too), 16 img/s in every row. The batches are the training loader's: augmented,
+    at the benchmark's size."""
+    import types
+
     import data_throughput
 
+    wall, cpu = iter(0.5 * i for i in range(10**6)), iter(0.5 * i for i in range(10**6))
+    monkeypatch.setattr(data_throughput, "time", types.SimpleNamespace(perf_counter=lambda: next(wall),
+                                                                       process_time=lambda: next(cpu)))
+    shapes, real_loader = [], DetectionDataModule.train_dataloader
+
+    class Recorded:
+        """The training loader, noting the shape of every batch it delivers."""
+
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for batch in self.loader:
+                shapes.append(tuple(batch["images"].shape))
+                yield batch
+
+    monkeypatch.setattr(data_throughput.DetectionDataModule, "train_dataloader",
+                        lambda self: Recorded(real_loader(self)))
     out = data_throughput.main(["--root", str(bccd_root), "--limit", "8", "--batch", "4", "--workers", "0", "1",
-                                "--cache", "none", "ram", "--images", "8", "--repeats", "1",
+                                "--cache", "none", "ram", "--images", "6", "--repeats", "1", "--size", "128",
                                 "--json", str(tmp_path / "data.json")])
     assert set(out) == ({f"cache={c} workers={w}" for c in ("none", "ram") for w in (0, 1)}
                         | {f"cache={c} workers=0 cpu" for c in ("none", "ram")})
-    assert all(v > 0 for v in out.values())
+    # each clock is read at the start and the end of a timing, nowhere else: 0.5 s apart
+    assert out == {k: pytest.approx(8 / 0.5) for k in out}
+    assert shapes and set(shapes) == {(4, 3, 128, 128)}
     assert json.loads((tmp_path / "data.json").read_text()) == pytest.approx(out)

@@ -26,7 +26,12 @@ def test_inference_benchmark_runs_ours_and_torchvision_on_the_same_batch(tmp_pat
     assert seen["ours"] == seen["torchvision"] == (1, 3, 300, 300)
     assert seen["ours classes"] == seen["torchvision classes"] == 4
     assert (out["batch"], out["size"], out["amp"], out["device"]) == (1, 300, False, "cpu")
-    # both decode to the same budget: random weights fill it (every prior scores above 0.01)
+    # both decode with the same settings (score > 0.01, top 400 per class, NMS 0.45, 200 per image) ...
+    head, theirs = seen["ours model"].detector.head, seen["torchvision model"]
+    ours = (head.score_threshold, head.pre_nms_top_k, head.nms_threshold, head.max_detections)
+    assert ours == (theirs.score_thresh, theirs.topk_candidates, theirs.nms_thresh, theirs.detections_per_img)
+    assert ours == (0.01, 400, 0.45, 200)
+    # ... and to the same budget: random weights fill it (every prior scores above 0.01)
     assert out["detections_per_image"] == {"ours": 200.0, "torchvision ssd300_vgg16": 200.0}
     rate = out["img_per_s"]
     assert out["speedup"] == pytest.approx(rate["ours"] / rate["torchvision ssd300_vgg16"], rel=1e-12)

@@ -307,3 +307,16 @@ def test_evaluate_py_writes_its_files_into_the_run_folder(tmp_path, shapes_run):
     assert [c["name"] for c in gt["categories"]] == list(cfg.data.classes)
     assert len(list((run / "pr_curves").glob("pr_curve_*.png"))) == len(cfg.data.classes)
     assert decode_png(read_file(str(run / "samples.png"))).shape == (3, 300 + 8, 2 * 300 + 12)
+
+    # the printed numbers are those of the same weights validated here on the same split, and pycocotools
+    # gives them on the files evaluate.py wrote
+    from tests.test_train_e2e import printed_report, pycocotools_stats_of
+
+    _, datamodule, _ = shapes_run
+    quiet_trainer(logger=False).validate(module, datamodule=datamodule, verbose=False)
+    here = {k: float(v) for k, v in module.last_metrics.items() if v.numel() == 1}
+    stats, table = printed_report(out)
+    assert stats == pytest.approx({k: here[k] for k in stats}, abs=5e-4)
+    assert [row[0] for row in table.values()] == module.last_metrics["num_gt_per_class"].tolist()
+    reference = pycocotools_stats_of(run)
+    assert reference == pytest.approx({k: here[k] for k in STATS}, abs=1e-6)  # untrained: 0 (the GT counts are not)

@@ -325,12 +325,118 @@ def test_forward_samples_with_targets_and_proposes_without():
     assert raw.box_deltas.shape == (2, 32, 3, 4) and raw.objectness.shape == (2, 8 * 10 * 9)
     losses = head.loss(raw, targets, (128, 160))
     assert set(losses) == {"loss", "loss_objectness", "loss_rpn_box", "loss_cls", "loss_box", "num_positives"}
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    # the total is the sum of the four terms, and num_positives counts the foreground RoIs sampled
+    torch.testing.assert_close(losses["loss"], losses["loss_objectness"] + losses["loss_rpn_box"]
+                               + losses["loss_cls"] + losses["loss_box"])
+    assert losses["num_positives"] == (raw.samples.labels > 0).sum()
     head.eval()
     with torch.no_grad():
         raw = head([feat])
     assert raw.samples is None and raw.rois.shape == (2, 50, 4)
     with pytest.raises(ValueError, match="call it with the targets"):
         head.loss(raw, targets, (128, 160))
+
+
+def hand_built_case(**kwargs):
+    """A head (every candidate RoI sampled: 256 slots for 100 proposals + 2 ground truths), a batch of three
+    images with 0, 1 and 2 ground truths on a (8, 10) map of stride 16 (128 x 160 px), its raw training
+    outputs and the targets."""
+    torch.manual_seed(0)
+    head = small_head(roi_batch_size=256, **kwargs)
+    targets = padded_targets(torch.Generator().manual_seed(4), batch=3, max_gt=2)
+    targets["labels"] = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    return head, targets
+
+
+def test_the_ground_truths_join_the_sampled_rois_with_their_own_targets():
+    head, targets = hand_built_case()
+    feat = torch.randn(3, 8, 8, 10)
+    raw = head([feat], targets)
+    s = raw.samples
+    assert raw.rois.shape == (3, 100 + 2, 4) and torch.equal(raw.roi_valid, s.valid)
+    for i in range(3):
+        n = int(targets["mask"][i].sum())
+        assert n == i
+        rois, labels, matched = s.boxes[i][s.valid[i]], s.labels[i][s.valid[i]], s.matched_boxes[i][s.valid[i]]
+        for j in range(n):
+            gt = targets["boxes"][i, j]
+            # the ground truth itself is a RoI (no proposal of an untrained RPN lands on it exactly), foreground
+            # of its own class (label + 1: 0 is background), regressing to itself
+            at = (rois == gt).all(-1).nonzero().flatten()
+            assert len(at) == 1, f"image {i}: ground truth {j} is not among the sampled RoIs"
+            assert labels[at].item() == targets["labels"][i, j].item() + 1 and torch.equal(matched[at[0]], gt)
+        # every foreground RoI overlaps its matched ground truth by >= 0.5 (torchvision's box_iou), and the
+        # image without objects has only background
+        fg = labels > 0
+        assert int(fg.sum()) >= n
+        if fg.any():
+            assert (box_iou(rois[fg], matched[fg]).diagonal() >= 0.5).all()
+    # the RoI head classified those samples: its outputs on them, recomputed from the map
+    with torch.no_grad():
+        logits, deltas = head.roi_head(feat, s.boxes)
+    torch.testing.assert_close(raw.cls_logits.detach(), logits)
+    torch.testing.assert_close(raw.box_deltas.detach(), deltas)
+
+
+def test_losses_of_a_hand_built_case():
+    """Zeroed class and objectness layers: the RoI class loss is exactly log(C + 1) (softmax over 4 equal
+    logits) and the objectness loss log 2 (a sigmoid at 0), each averaged over what was sampled. Box deltas
+    set to the targets torchvision's BoxCoder encodes (the RoI head's weights 10, 10, 5, 5 on the true class
+    of each foreground RoI, anything in the other classes' columns; the RPN's 1, 1, 1, 1 on each positive
+    anchor): both box losses are 0. Then one unit of dx on each of them: smooth L1 (beta 1) gives 0.5 per
+    positive, divided by the number sampled (torchvision's normalisation)."""
+    head, targets = hand_built_case()
+    for layer in (head.roi_head.cls_score, head.rpn.objectness):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    raw = head([torch.randn(3, 8, 8, 10)], targets)
+    s = raw.samples
+    fg = s.labels > 0
+    num_rois = int(s.valid.sum())
+    assert int(fg.sum()) >= 3 and num_rois == 3 * 100 + 3  # every proposal and ground truth sampled
+    # the RoI head's perfect deltas, by torchvision's coder, on the true class only
+    tv_roi = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    box_deltas = torch.randn_like(raw.box_deltas) * 3  # the wrong classes' columns: never read
+    perfect_roi = tv_roi.encode_single(s.matched_boxes[fg], s.boxes[fg])
+    b, k = fg.nonzero().unbind(1)
+    box_deltas[b, k, s.labels[fg] - 1] = perfect_roi
+    # the RPN's: each positive anchor (IoU >= 0.7 or a ground truth's best, ties included) to its best GT
+    anchors = box_convert(head.make_anchors(raw.feature_shape, torch.device("cpu")), "cxcywh", "xyxy")
+    rpn_deltas = torch.randn_like(raw.rpn_deltas)
+    positives = []
+    for i in range(3):
+        n = int(targets["mask"][i].sum())
+        if n == 0:
+            positives.append(0)
+            continue
+        iou = box_iou(targets["boxes"][i, :n], anchors)  # (n, A)
+        best, index = iou.max(0)
+        positive = (best >= 0.7) | (iou == iou.max(1, keepdim=True).values).any(0)
+        positives.append(int(positive.sum()))
+        rpn_deltas[i, positive] = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)).encode_single(
+            targets["boxes"][i, index[positive]], anchors[positive])
+    # 256 anchors sampled per image, up to half positive; the rest negatives (IoU < 0.3: plenty on this map)
+    assert 0 < max(positives) <= 128
+    num_anchors = 3 * 256
+
+    def loss_with(roi, rpn):
+        return head.loss(FasterRCNNRaw(raw.objectness, rpn, raw.rois, raw.roi_valid, raw.cls_logits, roi,
+                                       raw.feature_shape, s), targets, (128, 160))
+
+    losses = loss_with(box_deltas, rpn_deltas)
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(3 + 1)))
+    torch.testing.assert_close(losses["loss_objectness"], torch.tensor(math.log(2)))
+    assert losses["loss_box"] < 1e-6 and losses["loss_rpn_box"] < 1e-6
+    assert losses["num_positives"] == int(fg.sum())
+
+    box_deltas[b, k, s.labels[fg] - 1, 0] += 1.0
+    rpn_deltas[..., 0] += 1.0  # every anchor: only the sampled positives may count
+    losses = loss_with(box_deltas, rpn_deltas)
+    torch.testing.assert_close(losses["loss_box"], torch.tensor(0.5 * int(fg.sum()) / num_rois))
+    torch.testing.assert_close(losses["loss_rpn_box"], torch.tensor(0.5 * sum(positives) / num_anchors))
+    torch.testing.assert_close(losses["loss"], sum(losses[k] for k in ("loss_objectness", "loss_rpn_box", "loss_cls",
+                                                                       "loss_box")))
 
 
 def test_predict_decodes_class_specific_boxes_and_keeps_the_contract():

@@ -4,7 +4,8 @@ trains, evaluates from its checkpoint and resumes, and BCCD trains from each dat
 import pytest
 import torch
 
-from test_train_e2e import TEXTURED_SHAPES, TINY, read_metrics, run, run_dir
+from test_train_e2e import (TEXTURED_SHAPES, TINY, assert_evaluation_repeats_the_last_validation,
+                            assert_fast_dev_run_trained_and_validated, read_metrics, run, run_dir)
 
 # MobileNetV2's stride-16 map (VGG16 and its fc6 of 4096 are minutes a step here), anchors for 256 px
 SMALL = ["model=faster_rcnn", "backbone=mobilenet_v2", "input_size=[256,256]", "head.anchor_sizes=[32,64,128]",
@@ -38,6 +39,8 @@ def test_train_evaluate_and_resume(tmp_path):
     out = run("evaluate.py", f"ckpt_path={ckpt}", "split=val", "num_workers=0", "trainer.accelerator=cpu",
               run_dir(tmp_path, "eval"))
     assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+    # one epoch of 4 images: detections, none of them right yet (every stat 0)
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval", some_recall=False)
     run("train.py", *SMALL, "trainer.max_epochs=2", f"ckpt_path={ckpt}", run_dir(tmp_path, "run"), *TINY)
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
 
@@ -49,3 +52,4 @@ def test_fast_dev_run_on_bccd(fmt, tmp_path, bccd_root, bccd_as):
     out = run("train.py", *SMALL, f"data={fmt}", f"data.root={root}", "debug=fast_dev_run", "data.batch_size=2",
               "data.eval_batch_size=2", "data.num_workers=0", run_dir(tmp_path, "bccd"))
     assert "classes (label order): ['Platelets', 'RBC', 'WBC']" in out
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "bccd")

@@ -33,6 +33,8 @@ def test_loop_benchmark_times_the_step_and_the_loop_over_the_same_images(tmp_pat
 
 
 def test_loop_timer_counts_only_the_timed_batches():
+    import time
+
     import loop_throughput
     import torch
 
@@ -40,9 +42,17 @@ def test_loop_timer_counts_only_the_timed_batches():
         device = torch.device("cpu")
 
     timer = loop_throughput.LoopTimer(warmup=2, iters=3)
-    for i in range(6):  # one more batch than timed: not counted
+    # each "batch" sleeps before it ends: 0.05 s in the timed batches 2, 3, 4, 0.3 s in the warm-up ones and
+    # in the one after (not timed). The timed window is from the end of batch 1 to the end of batch 4: 0.15 s
+    # of sleep; a window one batch off either way would hold at least 0.4 s.
+    sleeps = [0.3, 0.3, 0.05, 0.05, 0.05, 0.3]
+    for i, seconds in enumerate(sleeps):
+        time.sleep(seconds)
         timer.on_train_batch_end(None, Module(), None, {"images": torch.zeros(4, 3, 8, 8)}, i)
     assert timer.images == 3 * 4
-    assert timer.start is not None and timer.seconds[0] >= 0 and timer.seconds[1] >= 0
+    wall, cpu = timer.seconds
+    assert 0.15 <= wall < 0.4, wall
+    # sleeping costs this process no CPU: the second figure is CPU time, not the wall clock again
+    assert 0 <= cpu < 0.1, cpu
     with pytest.raises(RuntimeError, match="ended before"):
         _ = loop_throughput.LoopTimer(warmup=0, iters=5).seconds

@@ -95,11 +95,40 @@ def test_a_count_that_fails_still_prints_the_parameters(caplog, monkeypatch):
     assert total.split()[:3] == ["total", "269", "269"] and total.split()[3] == "-"
 
 
-def test_torch_counts_conv_flops_as_twice_the_multiply_adds():
-    # the convention the summary's column states, checked on torch itself
-    from torch.utils.flop_counter import FlopCounterMode
+def test_a_real_detectors_parts_add_up_and_equal_a_per_layer_count():
+    """SSDLite on MobileNetV2 (depthwise convs: groups), built from the configs as train.py builds it, at a
+    non-square size: each part's GFLOPs (counted on the meta device) equal 2 x the multiply-adds of its own
+    convolutions and linear layers, taken from their real outputs in a CPU forward by hooks; the parts add up
+    to the total."""
+    import sys
+    from pathlib import Path
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        nn.Conv2d(2, 3, 1, bias=False)(torch.zeros(1, 2, 4, 4))
-    assert counter.get_total_flops() == 2 * 16 * 3 * 2
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model_matrix import build
+
+    size = (256, 320)
+    detector = build("ssdlite", "mobilenet_v2", f"input_size=[{size[0]},{size[1]}]").detector.eval()
+    counted: dict[str, int] = {}
+
+    def count(name):
+        def hook(layer, inputs, out):
+            if isinstance(layer, nn.Conv2d):
+                kh, kw = layer.kernel_size
+                macs = out[0].numel() * (layer.in_channels // layer.groups) * kh * kw
+            else:
+                macs = out[0].numel() * layer.in_features
+            counted[name.split(".")[0]] = counted.get(name.split(".")[0], 0) + 2 * macs
+        return hook
+
+    layers = [(n, m) for n, m in detector.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(m.groups > 1 for _, m in layers if isinstance(m, nn.Conv2d))  # depthwise ones are in the count
+    handles = [m.register_forward_hook(count(n)) for n, m in layers]
+    with torch.no_grad():
+        detector(torch.zeros(1, 3, *size))
+    for h in handles:
+        h.remove()
+    parts = forward_gflops_by_part(detector, size)
+    assert set(parts) == {"total", "backbone", "neck", "head"}
+    for part in ("backbone", "neck", "head"):
+        assert parts[part] == pytest.approx(counted[part] / 1e9, rel=1e-9), part
+    assert parts["total"] == pytest.approx(parts["backbone"] + parts["neck"] + parts["head"], rel=1e-9)

@@ -23,6 +23,7 @@ from detectors.data.batch_ops import MultiScale
 from detectors.data.datamodule import DetectionDataModule
 from detectors.data.formats.shapes import ShapesSource
 from detectors.data.transforms import letterbox_frame
+from tests.test_train_e2e import assert_fast_dev_run_trained_and_validated
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -209,6 +210,7 @@ def test_fast_dev_run_command_line(tmp_path):
                            "multiscale.every_n_batches=1", f"hydra.run.dir={tmp_path}", *SMALL[:4]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert_fast_dev_run_trained_and_validated(proc.stdout + proc.stderr, tmp_path)
 
 
 def test_generated_shapes_are_drawn_at_the_largest_size():

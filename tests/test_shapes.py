@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -206,19 +204,40 @@ def test_object_count_bounds() -> None:
 def test_index_and_argument_errors() -> None:
     gen = ShapesGenerator(3)
     assert len(gen) == 3
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"^index 3 out of range for 3 images$"):
         gen.sample(3)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"^index -1 out of range for 3 images$"):
         gen.sample(-1)
-    with pytest.raises(ValueError):
+    rule = r"need 0 <= min_objects <= max_objects, .* background 'textured' or 'flat'"
+    with pytest.raises(ValueError, match=rule):
         ShapesGenerator(3, min_objects=4, max_objects=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rule):
         ShapesGenerator(3, background="plaid")
 
 
-def test_generation_is_fast() -> None:
-    gen = ShapesGenerator(200, seed=9)
-    start = time.perf_counter()
+def test_textured_noise_is_read_from_the_tile_not_drawn_per_image(monkeypatch) -> None:
+    """What keeps generation cheap (fresh normal noise costs more than the rest of an image): the noise
+    tile is drawn once, when the generator is built, and an image reads it at an offset. No image draws
+    normal noise of its own, and every one holds between min_objects and max_objects shapes."""
+    gen = ShapesGenerator(200, image_size=(96, 128), seed=9)
+    drawn = []
+    default_rng = np.random.default_rng
+
+    class Recording:
+        """A numpy Generator that notes the name of every method called on it."""
+
+        def __init__(self, rng):
+            self._rng = rng
+
+        def __getattr__(self, name):
+            drawn.append(name)
+            return getattr(self._rng, name)
+
+    monkeypatch.setattr(shapes.np.random, "default_rng", lambda *a, **k: Recording(default_rng(*a, **k)))
     for i in range(len(gen)):
-        gen.sample(i)
-    assert time.perf_counter() - start < 5.0  # loose: measured ~1.3 ms per image
+        assert 1 <= len(gen.sample(i)[1]) <= 8
+    assert {"integers", "uniform"} <= set(drawn)  # the recording sees the images' draws
+    assert not {"standard_normal", "normal"} & set(drawn), sorted(set(drawn))
+    # a generator built now draws its tile through the same function: the recording would see that
+    ShapesGenerator(1, image_size=(96, 128))
+    assert "standard_normal" in drawn

@@ -1,6 +1,8 @@
 """train.py and evaluate.py as a user runs them (subprocesses, CPU)."""
 
 import csv
+import json
+import math
 import os
 import re
 import subprocess
@@ -49,11 +51,102 @@ def run_dir(tmp_path, name):
     return f"hydra.run.dir={tmp_path / name}"
 
 
+def assert_fast_dev_run_trained_and_validated(out: str, folder: Path, batch_size: int = 2) -> float:
+    """What a ``debug=fast_dev_run`` run must leave: its one training step (a batch of ``batch_size``) and its
+    validation in the epoch line, on the console and in the run's train.log, with a finite loss; the
+    composed config with fast_dev_run on; no checkpoint (fast_dev_run writes none). Returns the loss."""
+    line = re.compile(r"epoch 1/1 step 1: loss (\S+) \(epoch mean\), lr \S+, (\d+) images .*; "
+                      r"val map_50 (\d\.\d{4}) map (\d\.\d{4})")
+    found = line.search(out)
+    assert found, out[-3000:]
+    loss = float(found.group(1))
+    assert math.isfinite(loss) and loss > 0 and int(found.group(2)) == batch_size
+    assert line.search((folder / "train.log").read_text())
+    assert "fast_dev_run: true" in (folder / ".hydra" / "config.yaml").read_text()
+    assert not (folder / "checkpoints").exists()
+    return loss
+
+
+# pycocotools' summarize() order, as the reports print them and the metrics are named
+COCO_STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+              "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+
+
+def printed_report(out: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The last report a run printed (format_report): its 12 COCO stats (pycocotools' lines, 3 decimals),
+    its VOC lines (4 decimals) and its per-class table's rows (class -> [GT, VOC AP, COCO AP@0.5, COCO AP])."""
+    text = out[out.rindex("COCO bbox (pycocotools definitions):"):]
+    values = re.findall(r"^ Average (?:Precision|Recall) +\((?:AP|AR)\) @\[.*\] = (-?\d\.\d{3})$", text, re.M)
+    assert len(values) >= 12, text[:2000]
+    stats = dict(zip(COCO_STATS, map(float, values[:12])))
+    stats.update({k: float(v) for k, v in re.findall(r"^(voc\w+) = (-?\d\.\d{4})$", text, re.M)})
+    table = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 5 and re.fullmatch(r"\d+", cells[1]):
+            table[cells[0]] = [float(c) for c in cells[1:]]
+    return stats, table
+
+
+def pycocotools_stats_of(folder: Path) -> dict[str, float]:
+    """pycocotools' 12 stats on the coco_ground_truth.json / coco_results.json evaluate.py wrote into folder."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(folder / "coco_ground_truth.json"))
+        results = json.loads((folder / "coco_results.json").read_text())
+        if results:
+            dt = gt.loadRes(results)
+        else:  # loadRes cannot take an empty list; no detections score 0 (-1 where no ground truth)
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.createIndex()
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(COCO_STATS, map(float, evaluator.stats)))
+
+
+def assert_evaluation_repeats_the_last_validation(out: str, run_folder: Path, eval_folder: Path,
+                                                  some_recall: bool = True) -> dict:
+    """evaluate.py's printed stats (``out``) are the run's last validation (its metrics.csv), on the same split and
+    checkpoint (last.ckpt: the weights that validation saw), and pycocotools scores the files evaluate.py wrote
+    the same; the ground truth counted per class is the file's and the validation's. ``some_recall``: the
+    model finds something (mAR@100 > 0), so that the comparison is not of zeros only. Returns the validation's
+    stats."""
+    logged = [r for r in read_metrics(run_folder) if r.get("val/map")][-1]
+    val = {k[len("val/"):]: float(v) for k, v in logged.items() if k.startswith("val/") and v}
+    stats, table = printed_report(out)
+    assert set(stats) >= set(COCO_STATS) and any(k.startswith("voc") for k in stats)
+    for key, value in stats.items():  # printed rounded: 3 decimals for COCO's, 4 for VOC's
+        assert value == pytest.approx(val[key], abs=5e-4 if key in COCO_STATS else 5e-5), key
+    gt = json.loads((eval_folder / "coco_ground_truth.json").read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    assert list(table) == list(names.values())
+    for name, (count, _, coco_50, coco) in table.items():
+        assert count == val[f"num_gt_per_class/{name}"] == sum(names[a["category_id"]] == name
+                                                              for a in gt["annotations"]), name
+        assert coco_50 == pytest.approx(val[f"map_50_per_class/{name}"], abs=5e-5), name
+        assert coco == pytest.approx(val[f"map_per_class/{name}"], abs=5e-5), name
+    assert gt["annotations"]
+    reference = pycocotools_stats_of(eval_folder)
+    assert reference == pytest.approx({k: val[k] for k in COCO_STATS}, abs=1e-6)
+    if some_recall:
+        assert json.loads((eval_folder / "coco_results.json").read_text()) and reference["mar_100"] > 0
+    return val
+
+
 @pytest.mark.slow
 def test_fast_dev_run_on_shapes(tmp_path):
     out = run("train.py", "model=ssd300", "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
     assert "weights from random init" in out
     assert "classes (label order): ['circle'" in out
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "fdr")
 
 
 @pytest.mark.slow
@@ -63,6 +156,7 @@ def test_fast_dev_run_on_bccd(fmt, tmp_path, bccd_root, bccd_as):
     out = run("train.py", "model=ssd300", f"data={fmt}", f"data.root={root}", "debug=fast_dev_run",
               "data.batch_size=2", "data.eval_batch_size=2", run_dir(tmp_path, "bccd"))
     assert "classes (label order): ['Platelets', 'RBC', 'WBC']" in out
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "bccd")
     if fmt == "voc":  # BCCD's two point annotations (xmin == xmax) are 1-px boxes in the devkit's 1-based reading
         assert "degenerate box" not in out
 
@@ -76,12 +170,19 @@ def test_train_saves_checkpoints_and_evaluate_prints_the_tables(tmp_path):
     assert len((tmp_path / "run" / "git_commit.txt").read_text().strip()) == 40
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
 
+    # train.py's own report is its last validation
+    logged = [r for r in read_metrics(tmp_path / "run") if r.get("val/map")][-1]
+    stats, _ = printed_report(out)
+    assert stats == pytest.approx({k: float(logged[f"val/{k}"]) for k in stats}, abs=5e-4)
+
     out = run("evaluate.py", f"ckpt_path={ckpts / 'last.ckpt'}", "split=val", "num_workers=0",
               "trainer.accelerator=cpu", run_dir(tmp_path, "eval"))
     for line in ["Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]", "VOC AP@0.5 (area)"]:
         assert line in out
-    for name in ["circle", "square", "triangle"]:
-        assert f"\n{name}" in out
+    _, table = printed_report(out)
+    assert list(table) == ["circle", "square", "triangle", "star", "ellipse", "cross"]  # a row per class, label order
+    # one epoch of 4 images: SSD300 finds nothing yet (all stats 0); ssdlite's run below does
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval", some_recall=False)
 
 
 @pytest.mark.slow
@@ -96,6 +197,7 @@ def test_another_model_and_backbone_by_config_train_and_evaluate(tmp_path):
     out = run("evaluate.py", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "split=val",
               "num_workers=0", "trainer.accelerator=cpu", run_dir(tmp_path, "eval"))
     assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval")
 
 
 def read_metrics(run_folder: Path) -> list[dict[str, str]]:
@@ -196,6 +298,9 @@ def test_sweep_runs_each_job_in_its_own_folder_and_survives_a_failing_trial(tmp_
               f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY)
     assert (tmp_path / "sweep" / "0").is_dir() and (tmp_path / "sweep" / "1").is_dir()
     assert "trial failed (the sweep goes on)" in out and "Invalid momentum value" in out
+    # the first job trained and validated in its own folder, the failing one got no step
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "sweep" / "0")
+    assert "epoch 1/1 step 1" not in (tmp_path / "sweep" / "1" / "train.log").read_text()
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
 
 

@@ -62,9 +62,12 @@ def test_class_names_from_data_yaml_or_config(tmp_path):
 def test_parse_line_box_and_polygon():
     assert parse_yolo_line("1 0.5 0.5 0.2 0.4") == (1, pytest.approx([0.4, 0.3, 0.6, 0.7]))
     assert parse_yolo_line("2 0.1 0.2 0.5 0.1 0.3 0.9") == (2, [0.1, 0.1, 0.5, 0.9])
-    for bad in ["1 0.5 0.5 0.2", "x 0.5 0.5 0.2 0.2", "1.5 0.5 0.5 0.2 0.2", "-1 0.5 0.5 0.2 0.2",
-                "0 nan 0.5 0.2 0.2", "0 0.1 0.2 0.3 0.4 0.5"]:
-        with pytest.raises(BadSampleError):
+    wrong_count, not_numbers = r"expected 'class cx cy w h' \(or a polygon\), got {} values", "not numbers"
+    bad_values = r"class index must be a non-negative integer, values finite"
+    for bad, why in [("1 0.5 0.5 0.2", wrong_count.format(4)), ("x 0.5 0.5 0.2 0.2", not_numbers),
+                     ("1.5 0.5 0.5 0.2 0.2", bad_values), ("-1 0.5 0.5 0.2 0.2", bad_values),
+                     ("0 nan 0.5 0.2 0.2", bad_values), ("0 0.1 0.2 0.3 0.4 0.5", wrong_count.format(6))]:
+        with pytest.raises(BadSampleError, match=f"^{why}: '{bad}'$"):
             parse_yolo_line(bad)
 
 

@@ -12,7 +12,9 @@ from detectors.detector import Detector
 from detectors.heads.yolov1 import YOLOv1Head, YOLOv1Raw
 from detectors.module import DetectionModule
 from detectors.necks.identity import IdentityNeck
-from tests.test_train_e2e import read_metrics, run, run_dir, textured_shapes
+from tests.test_train_e2e import (assert_evaluation_repeats_the_last_validation,
+                                  assert_fast_dev_run_trained_and_validated, read_metrics, run, run_dir,
+                                  textured_shapes)
 
 
 def small_head(num_classes=2, input_size=(128, 128), **kwargs) -> YOLOv1Head:
@@ -272,7 +274,7 @@ def test_predict_keeps_the_contract():
     out[..., [2, 3, 7, 8]] *= 2  # boxes larger than the image, clipped
     preds = small_head(num_classes=3, input_size=size, score_threshold=0.0, max_detections=20).predict(
         YOLOv1Raw(out, 2), size)
-    assert len(preds) == 3 and any(len(p["boxes"]) for p in preds)
+    assert len(preds) == 3 and all(len(p["boxes"]) for p in preds)  # threshold 0: every image has boxes
     for p in preds:
         boxes, scores, labels = p["boxes"], p["scores"], p["labels"]
         assert len(boxes) == len(scores) == len(labels) <= 20
@@ -326,6 +328,7 @@ def test_fast_dev_run_on_bccd(tmp_path, bccd_root):
               "data.eval_batch_size=2", run_dir(tmp_path, "bccd"))
     assert "classes (label order): ['Platelets', 'RBC', 'WBC']" in out
     assert "backbone darknet19: weights from random init" in out
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "bccd")
 
 
 @pytest.mark.slow
@@ -336,6 +339,8 @@ def test_train_one_epoch_then_evaluate(tmp_path):
     out = run("evaluate.py", f"ckpt_path={last}", "split=val", "num_workers=0", "trainer.accelerator=cpu",
               run_dir(tmp_path, "eval"))
     assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+    # untrained, YOLOv1's scores (confidence x class) stay under its 0.01: no detection yet, every stat 0
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval", some_recall=False)
 
 
 @pytest.mark.slow

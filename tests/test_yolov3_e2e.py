@@ -4,7 +4,8 @@ trains at several sizes, evaluates from its checkpoint and resumes."""
 import pytest
 import torch
 
-from test_train_e2e import TEXTURED_SHAPES, TINY, read_metrics, run, run_dir
+from test_train_e2e import TEXTURED_SHAPES, TINY, assert_evaluation_repeats_the_last_validation, read_metrics, \
+    run, run_dir
 
 # 256 px and the neck at a quarter of the paper's width (128: blocks of 32 / 64 / 128): small and short, and
 # reliable (2-3 min on one shared CPU thread, 2026-12-04; seed 1: val mAP@0.5 0.33 / 0.95 / 1.00 after
@@ -33,6 +34,7 @@ def test_train_evaluate_and_resume(tmp_path):
     out = run("evaluate.py", f"ckpt_path={ckpt}", "split=val", "num_workers=0", "trainer.accelerator=cpu",
               run_dir(tmp_path, "eval"))
     assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval")
     run("train.py", *args, "trainer.max_epochs=2", f"ckpt_path={ckpt}", run_dir(tmp_path, "run"), *TINY)
     resumed = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 4  # the second epoch ran on from the first
