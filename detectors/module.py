@@ -97,6 +97,8 @@ class DetectionModule(L.LightningModule):
         if compile:
             self.detector.compile(**(dict(compile) if isinstance(compile, Mapping) else {}))
         self._batches_seen = 0  # the batch counter when no trainer runs the module
+        self._epoch_counts: dict[str, Tensor] = {}  # train/skipped_samples, train/dropped_boxes of this epoch
+        self.last_loss_terms: dict[str, Tensor] = {}
 
     def _check_input_size(self, size: tuple[int, int], label: str | None = None) -> None:
         """Fail now, with the reason, if the network cannot take inputs of ``size`` (input_size and
@@ -200,16 +202,37 @@ class DetectionModule(L.LightningModule):
         images = batch["images"]
         raw = self.detector(images, batch)  # targets reach two-stage heads (proposal sampling)
         losses = self.detector.loss(raw, batch, tuple(images.shape[-2:]))
-        # not prog_bar=True: Lightning would read it to the host after every batch (a GPU sync per step);
-        # the project's progress bar shows it, read every log_every_n_steps (callbacks/progress.py)
-        self.log("train/loss", losses["loss"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
-        # per-epoch counts of what the data path dropped (unreadable images, boxes lost to augmentation)
-        self.log("train/skipped_samples", batch["num_skipped"].float(), reduce_fx="sum", on_step=False, on_epoch=True)
-        if "num_dropped_boxes" in batch:
-            self.log("train/dropped_boxes", batch["num_dropped_boxes"].float(), reduce_fx="sum", on_step=False,
-                     on_epoch=True)
+        # this step's terms for callbacks that report on the step itself (DivergenceGuard), logged or not
+        self.last_loss_terms = {f"train/{k}": v.detach() for k, v in losses.items()}
+        # per-epoch counts of what the data path dropped (unreadable images, boxes lost to augmentation),
+        # summed on the device and logged once at the epoch's end
+        for name, key in (("train/skipped_samples", "num_skipped"), ("train/dropped_boxes", "num_dropped_boxes")):
+            if key in batch:
+                count = batch[key].float()
+                self._epoch_counts[name] = count if name not in self._epoch_counts else self._epoch_counts[name] + count
+        if self._loggers_read_this_step():
+            # not prog_bar=True: Lightning would read it to the host after every batch (a GPU sync per step);
+            # the project's progress bar shows it, read every log_every_n_steps (callbacks/progress.py)
+            self.log("train/loss", losses["loss"])
+            self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
         return losses["loss"]
+
+    def _loggers_read_this_step(self) -> bool:
+        """Whether this step's per-step values reach the loggers: Lightning writes them every
+        ``log_every_n_steps`` (and the progress bar reads them at the same steps, the first one and an
+        epoch's last), so a ``self.log`` at the other steps costs host time and nothing else (each call
+        walks Lightning's result object: BENCHMARKS.md, "Training loop vs isolated step")."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if trainer is None or connector is None:
+            return True
+        return bool(connector.should_update_logs or trainer.fast_dev_run or trainer.is_last_batch
+                    or trainer.global_step == 0)
+
+    def on_train_epoch_end(self) -> None:
+        for name, count in self._epoch_counts.items():
+            self.log(name, count, reduce_fx="sum", on_step=False, on_epoch=True)
+        self._epoch_counts = {}
 
     # ---- evaluation ----------------------------------------------------------------------
     def predictions_in_original_frame(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:

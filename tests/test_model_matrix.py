@@ -94,8 +94,18 @@ def assert_predictions_keep_the_contract(preds, batch_size, size=SIZE, max_detec
         assert (scores[:-1] >= scores[1:]).all()  # best first
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("backbone", BACKBONES)
+def covering_pairs(models: list[str], backbones: list[str]) -> set[tuple[str, str]]:
+    """Pairs in which every model and every backbone appears at least once (the quick tier's share of the
+    matrix; ``pytest -m slow`` runs the rest)."""
+    n = max(len(models), len(backbones))
+    return {(models[i % len(models)], backbones[i % len(backbones)]) for i in range(n)}
+
+
+MATRIX = [pytest.param(m, b, id=f"{b}-{m}", marks=() if (m, b) in covering_pairs(MODELS, BACKBONES) else pytest.mark.slow)
+          for b in BACKBONES for m in MODELS]
+
+
+@pytest.mark.parametrize("model,backbone", MATRIX)
 def test_training_step_and_predict(model, backbone):
     torch.manual_seed(0)
     module = build(model, backbone)
@@ -154,7 +164,20 @@ LOSS_CASES = {
 }
 
 
-@pytest.mark.parametrize("model,loss", [(m, loss) for m, cases in LOSS_CASES.items() for loss in cases])
+def quick_loss_cases(cases: list[str]) -> set[str]:
+    """Per head, the first case of each term (box, cls, obj) and the IoU-family box loss on decoded boxes:
+    the quick tier's share; ``pytest -m slow`` runs every case."""
+    first = {}
+    for case in cases:
+        first.setdefault(case.split("=")[0], case)
+    return {*first.values(), *(c for c in cases if c == "loss.box=giou")}
+
+
+LOSS_MATRIX = [pytest.param(m, loss, id=f"{m}-{loss}", marks=() if loss in quick_loss_cases(cases) else pytest.mark.slow)
+               for m, cases in LOSS_CASES.items() for loss in cases]
+
+
+@pytest.mark.parametrize("model,loss", LOSS_MATRIX)
 def test_every_loss_of_every_head_trains_a_step(model, loss):
     torch.manual_seed(0)
     module = build(model, "mobilenet_v1", *loss.split(), "backbone.width_mult=0.25")  # a case may set two keys

@@ -132,3 +132,51 @@ def test_csv_logger_continues_a_resumed_runs_metrics(tmp_path):
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert [float(r["train/loss"]) for r in rows] == [0, 1, 2, 3, 4, 5, 60]
     assert rows[0]["val/map_50"] == "" and rows[-1]["val/map_50"] == "0.5"
+
+
+def test_per_step_terms_are_logged_only_at_the_steps_the_loggers_write_and_drop_counts_once_an_epoch(tmp_path):
+    """``self.log`` costs host time at every call: the module logs its per-step loss terms only where
+    Lightning writes them (every ``log_every_n_steps``, plus the first and an epoch's last step, which the
+    progress bar reads), keeps every step's terms in ``last_loss_terms`` for the divergence guard, and
+    logs the epoch's drop counts once, summed over all its steps."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from test_model_matrix import batch_with_an_empty_image, build
+
+    module = build("ssdlite", "mobilenet_v1", "backbone.width_mult=0.25")
+    size = (264, 296)
+    batches = []
+    for i in range(7):
+        b = batch_with_an_empty_image(torch.Generator().manual_seed(i), size=size)
+        b["num_skipped"] = torch.tensor(i)  # 0 + 1 + ... + 6 = 21 in the epoch
+        b["num_dropped_boxes"] = torch.tensor(1)
+        batches.append(b)
+    calls = []
+    original = type(module).log
+
+    def spy(self, name, value, *args, **kwargs):
+        calls.append((self.trainer.global_step, name))
+        return original(self, name, value, *args, **kwargs)
+
+    type(module).log = spy
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, log_every_n_steps=3, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            logger=CSVLogger(tmp_path, name="csv", version=""))
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    finally:
+        type(module).log = original
+    loss_steps = [step for step, name in calls if name == "train/loss"]
+    # Lightning writes at steps 2 and 5 (every 3rd batch); step 0 for the bar's first read, step 6 the epoch's last
+    assert loss_steps == [0, 2, 5, 6]
+    assert set(module.last_loss_terms) >= {"train/loss", "train/loss_box", "train/loss_cls"}
+    assert [name for _, name in calls].count("train/skipped_samples") == 1
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [2, 5]
+    epoch_rows = [r for r in rows if r.get("train/skipped_samples")]
+    assert len(epoch_rows) == 1 and float(epoch_rows[0]["train/skipped_samples"]) == 21
+    assert float(epoch_rows[0]["train/dropped_boxes"]) == 7

@@ -141,7 +141,6 @@ def assert_evaluation_repeats_the_last_validation(out: str, run_folder: Path, ev
     return val
 
 
-@pytest.mark.slow
 def test_fast_dev_run_on_shapes(tmp_path):
     out = run("train.py", "model=ssd300", "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
     assert "weights from random init" in out

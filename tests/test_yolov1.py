@@ -331,7 +331,6 @@ def test_fast_dev_run_on_bccd(tmp_path, bccd_root):
     assert_fast_dev_run_trained_and_validated(out, tmp_path / "bccd")
 
 
-@pytest.mark.slow
 def test_train_one_epoch_then_evaluate(tmp_path):
     run("train.py", *SMALL, "trainer.max_epochs=1", run_dir(tmp_path, "run"), *TINY)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -21,7 +21,6 @@ def test_overfit_preset_fits_two_images(tmp_path):
     assert val[-1] >= 0.9, (val, losses[::10])
 
 
-@pytest.mark.slow
 def test_train_evaluate_and_resume(tmp_path):
     out = run("train.py", "model=yolov2", "input_size=[224,224]", "multiscale.sizes=[192,256]",
               "multiscale.every_n_batches=1", "trainer.max_epochs=1", run_dir(tmp_path, "run"), *TINY)

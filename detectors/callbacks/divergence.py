@@ -172,7 +172,7 @@ class DivergenceGuard(L.Callback):
         if deferred:
             self._defer(trainer, optimizer, finite)
         elif not finite:  # reads the flag now: the immediate mode
-            terms = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            terms = self._terms(trainer, pl_module)
             self._diverged(trainer.current_epoch, trainer.global_step, terms, self._image_ids)
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -182,7 +182,14 @@ class DivergenceGuard(L.Callback):
         pending = self._pending
         if pending is not None and not pending.terms and pending.step == trainer.global_step - 1:
             # references to this step's logged terms; their values are read only if the step was bad
-            pending.terms = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            pending.terms = self._terms(trainer, pl_module)
+
+    @staticmethod
+    def _terms(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The step's loss terms: the module's own (``last_loss_terms``: logged only every few steps, the
+        logged ones may be older), else what was logged."""
+        terms = getattr(pl_module, "last_loss_terms", None)
+        return dict(terms) if terms else {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resolve()
