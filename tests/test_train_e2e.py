@@ -148,6 +148,16 @@ def test_fast_dev_run_on_shapes(tmp_path):
     assert_fast_dev_run_trained_and_validated(out, tmp_path / "fdr")
 
 
+@pytest.mark.parametrize("model,backbone", [("yolov2", "darknet19"), ("yolov3", "darknet53")])
+def test_fast_dev_run_of_the_yolo_grid_heads_at_a_drawn_size(model, backbone, tmp_path):
+    """The quick tier's train.py run of YOLOv2 and YOLOv3 (their train, evaluate and resume runs are in the
+    slow tier), with a multi-scale size drawn for the batch."""
+    out = run("train.py", f"model={model}", "input_size=[224,224]", "multiscale.sizes=[192,256]",
+              "multiscale.every_n_batches=1", "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
+    assert f"backbone {backbone}: weights from random init" in out
+    assert_fast_dev_run_trained_and_validated(out, tmp_path / "fdr")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["voc", "coco", "yolo"])
 def test_fast_dev_run_on_bccd(fmt, tmp_path, bccd_root, bccd_as):
@@ -196,12 +206,29 @@ def test_another_model_and_backbone_by_config_train_and_evaluate(tmp_path):
     out = run("evaluate.py", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "split=val",
               "num_workers=0", "trainer.accelerator=cpu", run_dir(tmp_path, "eval"))
     assert "VOC AP@0.5 (area)" in out and "\ncircle" in out
-    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval")
+    # one epoch of 4 images: detections are written (pycocotools scores real boxes), whether any matches yet
+    # depends on the run's arithmetic (threads): mAR@100 was 0.0 in one CI run and above 0 in another
+    assert_evaluation_repeats_the_last_validation(out, tmp_path / "run", tmp_path / "eval", some_recall=False)
+    assert json.loads((tmp_path / "eval" / "coco_results.json").read_text())
 
 
 def read_metrics(run_folder: Path) -> list[dict[str, str]]:
     with open(run_folder / "csv" / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def assert_overfit_preset_fits_two_images(tmp_path, args, epochs: int = 80, loss_ratio: float = 0.3,
+                                          min_map_50: float = 0.9) -> None:
+    """``debug=overfit`` on two textured pictures for ``epochs`` steps (one batch an epoch), validated once at
+    the end on those same images: the loss, logged at every step, ends under ``loss_ratio`` of its first
+    value and val mAP@0.5 reaches ``min_map_50``."""
+    out = run("train.py", *args, *TEXTURED_SHAPES, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
+              f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={epochs}", run_dir(tmp_path, "overfit"))
+    rows = read_metrics(tmp_path / "overfit")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/map_50"]) for r in rows if r.get("val/map_50")]
+    assert len(losses) == epochs and losses[-1] < loss_ratio * losses[0], out[-3000:]
+    assert val[-1] >= min_map_50, (val, losses[::10])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from detectors.backbones.darknet import DarkNet19
 from detectors.detector import Detector
 from detectors.heads.yolov2 import VOC_ANCHORS_416, YOLOv2Head, YOLOv2Raw
 from detectors.necks.passthrough import PassthroughNeck, space_to_depth
+from test_model_matrix import assert_predictions_keep_the_contract
 
 
 def test_space_to_depth_on_a_hand_built_4x4_map():
@@ -213,11 +214,7 @@ def test_predict_contract():
     head = YOLOv2Head([8], 3, anchors=VOC_ANCHORS_416[:2], input_size=(416, 416), score_threshold=0.0).eval()
     raw = YOLOv2Raw(torch.randn(2, 5, 7, 2, 8) * 3)
     preds = head.predict(raw, (160, 224))
-    assert len(preds) == 2
-    for p in preds:
-        assert 0 < len(p["boxes"]) <= head.max_detections
-        assert (p["boxes"] >= 0).all() and (p["boxes"][:, 2] <= 224).all() and (p["boxes"][:, 3] <= 160).all()
-        assert (p["scores"][:-1] >= p["scores"][1:]).all() and ((p["labels"] >= 0) & (p["labels"] < 3)).all()
+    assert_predictions_keep_the_contract(preds, 2, (160, 224), head.max_detections)  # 3 classes, as the matrix's
     # score = objectness x class probability: the best score of the batch is that product at some slot
     out = raw.output
     products = out[..., 4:5].sigmoid() * out[..., 5:].softmax(-1)

@@ -4,23 +4,18 @@ trains, evaluates from its checkpoint and resumes (the prior-term image count tr
 import pytest
 import torch
 
-from test_train_e2e import TEXTURED_SHAPES, TINY, assert_evaluation_repeats_the_last_validation, read_metrics, \
-    run, run_dir
+from test_train_e2e import TINY, assert_evaluation_repeats_the_last_validation, \
+    assert_overfit_preset_fits_two_images, run, run_dir
 
 SMALL = ["model=yolov2", "input_size=[256,256]", "multiscale.sizes=null"]
 
 
 @pytest.mark.slow
 def test_overfit_preset_fits_two_images(tmp_path):
-    out = run("train.py", *SMALL, *TEXTURED_SHAPES, "debug=overfit", "trainer.overfit_batches=1", "data.batch_size=2",
-              "trainer.max_epochs=80", "trainer.check_val_every_n_epoch=80", run_dir(tmp_path, "overfit"))
-    rows = read_metrics(tmp_path / "overfit")
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    val = [float(r["val/map_50"]) for r in rows if r.get("val/map_50")]
-    assert len(losses) == 80 and losses[-1] < 0.3 * losses[0], out[-3000:]
-    assert val[-1] >= 0.9, (val, losses[::10])
+    assert_overfit_preset_fits_two_images(tmp_path, SMALL)
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_resume(tmp_path):
     out = run("train.py", "model=yolov2", "input_size=[224,224]", "multiscale.sizes=[192,256]",
               "multiscale.every_n_batches=1", "trainer.max_epochs=1", run_dir(tmp_path, "run"), *TINY)

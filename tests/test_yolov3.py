@@ -16,6 +16,7 @@ from detectors.boxes import GridCoder
 from detectors.detector import Detector
 from detectors.heads.yolov3 import COCO_ANCHORS_416, YOLOv3Head, YOLOv3Raw
 from detectors.necks.yolov3_fpn import YOLOv3FPN
+from test_model_matrix import assert_predictions_keep_the_contract
 
 
 def test_yolov3_coco_shapes_at_416_and_darknet_parameter_count():
@@ -251,11 +252,7 @@ def test_predict_contract():
     shapes = ((10, 14), (5, 7))
     raw = YOLOv3Raw(torch.randn(2, (140 + 35) * 2, 8) * 3, shapes)
     preds = head.predict(raw, (160, 224))
-    assert len(preds) == 2
-    for p in preds:
-        assert 0 < len(p["boxes"]) <= head.max_detections
-        assert (p["boxes"] >= 0).all() and (p["boxes"][:, 2] <= 224).all() and (p["boxes"][:, 3] <= 160).all()
-        assert (p["scores"][:-1] >= p["scores"][1:]).all() and ((p["labels"] >= 0) & (p["labels"] < 3)).all()
+    assert_predictions_keep_the_contract(preds, 2, (160, 224), head.max_detections)  # 3 classes, as the matrix's
     # score = objectness x class probability, both logistic: the best score is that product at some slot
     out = raw.output
     products = out[..., 4:5].sigmoid() * out[..., 5:].sigmoid()
