@@ -208,8 +208,7 @@ class DetectionModule(L.LightningModule):
         # summed on the device and logged once at the epoch's end
         for name, key in (("train/skipped_samples", "num_skipped"), ("train/dropped_boxes", "num_dropped_boxes")):
             if key in batch:
-                count = batch[key].float()
-                self._epoch_counts[name] = count if name not in self._epoch_counts else self._epoch_counts[name] + count
+                self._epoch_counts[name] = self._epoch_counts.get(name, 0) + batch[key].float()
         if self._loggers_read_this_step():
             # not prog_bar=True: Lightning would read it to the host after every batch (a GPU sync per step);
             # the project's progress bar shows it, read every log_every_n_steps (callbacks/progress.py)
