@@ -46,6 +46,7 @@ PARTNERS = {
     ("neck", "identity"): ["backbone=mobilenet_v2", "backbone.out_strides=[8,16,32]",
                            "head.priors.aspect_ratios=[[2],[2,3],[2,3]]"],
     ("neck", "passthrough"): ["model=yolov2"],
+    ("neck", "darknet_conv"): ["model=yolov2_tiny"],
     ("head", "yolov2"): ["model=yolov2"],
     ("neck", "yolov3_fpn"): ["model=yolov3"],
     ("head", "yolov3"): ["model=yolov3"],

@@ -46,7 +46,8 @@ NUM_CLASSES = 3
 # FC is built for one size (no multi-scale: its step runs at the size it is built for)
 SIZES = {"ssd300": ((288, 320), (264, 296)), "ssd512": ((288, 320), (264, 296)), "ssdlite": ((288, 320), (264, 296)),
          "yolov1": ((224, 288), None), "yolov2": ((320, 352), (288, 320)), "yolov3": ((320, 352), (288, 320)),
-         "faster_rcnn": ((288, 320), (256, 288))}
+         "faster_rcnn": ((288, 320), (256, 288)), "yolov2_tiny": ((320, 352), (288, 320)),
+         "yolov3_tiny": ((320, 352), (288, 320))}
 # narrow heads and small backbones keep the steps fast; the host reads live in the heads' targets, losses and
 # proposal selection, which these keep (the model's own backbone where it is cheap)
 OVERRIDES = {"ssd300": ["backbone=mobilenet_v1", "backbone.width_mult=0.25"],
@@ -54,6 +55,8 @@ OVERRIDES = {"ssd300": ["backbone=mobilenet_v1", "backbone.width_mult=0.25"],
              "yolov1": ["head.channels=64", "head.fc_width=32", "backbone=mobilenet_v1", "backbone.width_mult=0.25"],
              "yolov2": ["neck.channels=64", "backbone=mobilenet_v1", "backbone.width_mult=0.25"],
              "yolov3": ["neck.channels=32", "backbone=mobilenet_v1", "backbone.width_mult=0.25"],
+             # the tiny YOLOs on their own tiny trunk (cheap already), their necks narrowed
+             "yolov2_tiny": ["neck.channels=32"], "yolov3_tiny": ["neck.channels=32"],
              "faster_rcnn": ["backbone=mobilenet_v1", "backbone.width_mult=0.25", "head.fc_width=32",
                              "head.rpn_channels=32", "head.roi_batch_size=64",
                              "head.rpn_pre_nms_top_k={train: 300, test: 300}",

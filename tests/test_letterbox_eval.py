@@ -142,7 +142,7 @@ def test_unknown_eval_resize_is_a_clear_error():
         build_eval_transform("crop", (32, 32))
     with pytest.raises(ValueError, match="unknown eval_resize 'crop'.*stretch, letterbox"):
         input_frame((10, 10), (32, 32), "crop")
-    with pytest.raises(ValueError, match="eval_resize must be one of stretch, letterbox, got 'crop'"):
+    with pytest.raises(ValueError, match="eval_resize must be one of stretch, letterbox, stretch_float, got 'crop'"):
         DetectionDataModule(None, augment={"preset": "yolo", "eval_resize": "crop"})  # the source is never read
 
 

@@ -37,7 +37,11 @@ class SSDPriors:
     ratios > 1 of a level; their reciprocals are added, so [2] gives 4 priors and [2, 3] gives 6.
 
     Scales are fractions of the input size. Like the reference implementations, ``clip`` caps a
-    prior's width and height at the image size.
+    prior's width and height at the image size. ``scales`` gives the m + 1 scales outright instead
+    (torchvision's ``DefaultBoxGenerator``: SSD300-VGG16 has [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05]).
+    ``steps`` (pixels, one per level) puts the centres of level k at ``(j + .5) step_k / W`` (rows
+    likewise), as torchvision's and the Caffe original's ``step``: at 300 px the stride-8 level's 38 cells
+    then span 304 px, not 300 (None: the cells divide the image evenly).
 
     Priors come back as (A, 4) ``cxcywh`` in pixels of the input, ordered level by level, then
     row-major over cells, then by prior within a cell, which is the order SSDHead flattens its
@@ -51,12 +55,22 @@ class SSDPriors:
         max_scale: float = 0.9,
         first_scale: float | None = 0.1,
         clip: bool = True,
+        scales: Sequence[float] | None = None,
+        steps: Sequence[float] | None = None,
     ):
         self.aspect_ratios = [list(map(float, r)) for r in aspect_ratios]
         self.min_scale = min_scale
         self.max_scale = max_scale
         self.first_scale = first_scale
         self.clip = clip
+        levels = len(self.aspect_ratios)
+        if scales is not None and len(scales) != levels + 1:
+            raise ValueError(f"priors.scales needs {levels + 1} scales (one per level and one past the last), "
+                             f"got {len(scales)}")
+        if steps is not None and len(steps) != levels:
+            raise ValueError(f"priors.steps needs one step per level ({levels}), got {len(steps)}")
+        self.fixed_scales = [float(x) for x in scales] if scales is not None else None
+        self.steps = [float(x) for x in steps] if steps is not None else None
         self._cache: dict[tuple, Tensor] = {}
 
     @property
@@ -65,6 +79,8 @@ class SSDPriors:
 
     def scales(self) -> list[float]:
         """The m + 1 scales: one per level plus the one past the last (for its extra prior)."""
+        if self.fixed_scales is not None:
+            return list(self.fixed_scales)
         m = len(self.aspect_ratios)
         linear_levels = m - 1 if self.first_scale is not None else m
         step = (self.max_scale - self.min_scale) / max(linear_levels - 1, 1)
@@ -101,9 +117,11 @@ class SSDPriors:
             wh_t = torch.tensor(wh, dtype=torch.float64)  # (P, 2) fractions of the image
             if self.clip:
                 wh_t = wh_t.clamp(max=1.0)
+            # cells per image side: the map's own count, or the image over the level's step
+            cells_y, cells_x = (fh, fw) if self.steps is None else (height / self.steps[k], width / self.steps[k])
             cy, cx = torch.meshgrid(
-                (torch.arange(fh, dtype=torch.float64) + 0.5) / fh,
-                (torch.arange(fw, dtype=torch.float64) + 0.5) / fw,
+                (torch.arange(fh, dtype=torch.float64) + 0.5) / cells_y,
+                (torch.arange(fw, dtype=torch.float64) + 0.5) / cells_x,
                 indexing="ij",
             )
             centres = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, len(wh), 2)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectors.backbones.attention import make_attention
@@ -27,6 +28,24 @@ DARKNET19_LAYERS: list[tuple[int, int] | str] = [
 ]
 # YOLOv3 Table 1: (channels after the stage's stride-2 conv, residual blocks) for strides 2 .. 32
 DARKNET53_STAGES: list[tuple[int, int]] = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)]
+# the trunk of yolov2-tiny.cfg and yolov3-tiny.cfg: 3x3 convs, "M" a 2x2/2 max-pool, "S" darknet's 2x2/1 max-pool
+DARKNET_TINY_LAYERS: list[tuple[int, int] | str] = [
+    (16, 3), "M", (32, 3), "M", (64, 3), "M", (128, 3), "M", (256, 3), "M", (512, 3), "S", (1024, 3),
+]
+
+
+class DarknetMaxPool2d(nn.MaxPool2d):
+    """darknet's ``[maxpool]`` of stride 1 (tiny cfgs: size 2): its padding is size - 1, all of it after the map
+    (maxpool_layer.c: offset -pad/2 = 0 for size 2), so the map keeps its size and the last row and column see
+    only themselves. x (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, kernel_size: int = 2):
+        super().__init__(kernel_size, stride=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = (self.kernel_size - 1) // 2  # darknet's -pad/2 with pad = size - 1 (integer division)
+        after = self.kernel_size - 1 - before
+        return super().forward(F.pad(x, (before, after, before, after), value=float("-inf")))
 
 
 class Residual(nn.Module):
@@ -37,32 +56,54 @@ class Residual(nn.Module):
     x (B, C, H, W) -> (B, C, H, W).
     """
 
-    def __init__(self, channels: int, attention: str | None = None):
+    def __init__(self, channels: int, attention: str | None = None, darknet_bn: bool = False):
         super().__init__()
-        self.reduce = ConvBN(channels, channels // 2, 1)
-        self.expand = ConvBN(channels // 2, channels, 3)
+        self.reduce = ConvBN(channels, channels // 2, 1, darknet_bn=darknet_bn)
+        self.expand = ConvBN(channels // 2, channels, 3, darknet_bn=darknet_bn)
         self.attention = make_attention(attention, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.attention(self.expand(self.reduce(x)))
 
 
-def darknet19_features() -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
+def darknet19_features(darknet_bn: bool = False) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
     """DarkNet-19's layers and taps: stride -> (index of the last layer at that stride, channels):
     1 conv 32, 2 conv 64, 4 conv 128, 8 conv 256, 16 the 13th conv (512; YOLOv2's passthrough
     reads it), 32 the 18th conv (1024). darknet's maxpool covers the last row/column of an odd map
     (its output is ceil(H / 2)), as the ceil-mode pools here do."""
-    return stack_with_pools(DARKNET19_LAYERS, lambda in_ch, spec: ConvBN(in_ch, spec[0], spec[1]))
+    return stack_with_pools(DARKNET19_LAYERS, lambda in_ch, spec: ConvBN(in_ch, spec[0], spec[1], darknet_bn=darknet_bn))
 
 
-def darknet53_features(attention: str | None) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
+def darknet_tiny_features(darknet_bn: bool = False) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
+    """The tiny trunk's layers and taps: stride -> (index of the last layer at that stride, channels): 16 the
+    256-wide conv (yolov3-tiny's route to its finer scale), 32 the 1024-wide conv after the 2x2/1 pool."""
+    layers: list[nn.Module] = []
+    taps: dict[int, tuple[int, int]] = {}
+    in_ch, stride = 3, 1
+    for entry in DARKNET_TINY_LAYERS:
+        if entry == "M":
+            taps[stride] = (len(layers) - 1, in_ch)
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))  # darknet's 2x2/2 pool: ceil(H / 2), as VGG's here
+            stride *= 2
+        elif entry == "S":
+            layers.append(DarknetMaxPool2d(2))
+        else:
+            layers.append(ConvBN(in_ch, entry[0], entry[1], darknet_bn=darknet_bn))
+            in_ch = entry[0]
+    taps[stride] = (len(layers) - 1, in_ch)
+    return nn.Sequential(*layers), taps
+
+
+def darknet53_features(attention: str | None, darknet_bn: bool = False
+                       ) -> tuple[nn.Sequential, dict[int, tuple[int, int]]]:
     """DarkNet-53's layers: the 3x3 stem conv (index 0), then one ``nn.Sequential`` per stage (stride-2
     3x3 conv, residual blocks), and its taps: stride 2 ** i -> (i, the stage's channels)."""
-    layers: list[nn.Module] = [ConvBN(3, 32, 3)]
+    layers: list[nn.Module] = [ConvBN(3, 32, 3, darknet_bn=darknet_bn)]
     taps: dict[int, tuple[int, int]] = {}
     in_ch = 32
     for i, (ch, blocks) in enumerate(DARKNET53_STAGES, start=1):
-        layers.append(nn.Sequential(ConvBN(in_ch, ch, 3, stride=2), *[Residual(ch, attention) for _ in range(blocks)]))
+        layers.append(nn.Sequential(ConvBN(in_ch, ch, 3, stride=2, darknet_bn=darknet_bn),
+                                    *[Residual(ch, attention, darknet_bn) for _ in range(blocks)]))
         taps[2 ** i] = (i, ch)
         in_ch = ch
     return nn.Sequential(*layers), taps
@@ -120,14 +161,16 @@ class DarkNet19(_DarkNet):
             of this module (``.pth``/``.ckpt``).
         attention: 'se' | 'cbam' | None, on the output of every stage (each tap up to the deepest).
         mean, std, min_size, size_divisor: see ``Backbone`` (darknet's weights: RGB in 0..1).
+        darknet_bn: darknet's inference batch norm, ``(x - mean) / (sqrt(var) + 1e-6)``
+            (``detectors.layers.DarknetBatchNorm2d``), for whole darknet models imported with their weights.
 
     forward: images (B, 3, H, W) -> [(B, C_k, ceil(H / s_k), ceil(W / s_k))] per stride s_k.
     """
 
     def __init__(self, out_strides: Sequence[int] = (8, 16, 32), weights: str | None = None,
                  attention: str | None = None, mean: Sequence[float] = UNIT_MEAN, std: Sequence[float] = UNIT_STD,
-                 min_size: int | None = None, size_divisor: int | None = None):
-        features, taps = darknet19_features()
+                 min_size: int | None = None, size_divisor: int | None = None, darknet_bn: bool = False):
+        features, taps = darknet19_features(darknet_bn)
         super().__init__("darknet19", features, taps, out_strides, attention, mean=mean, std=std,
                          min_size=min_size, size_divisor=size_divisor)
         self._init_and_load(weights, truncated=len(self.features) < len(features))
@@ -142,16 +185,42 @@ class DarkNet53(_DarkNet):
             ``yolov3.weights`` as ``*.conv.N``, ``*.weights``), or a state-dict file of this module.
         attention: 'se' | 'cbam' | None, inside every residual block, on its branch before the add.
         mean, std, min_size, size_divisor: see ``Backbone`` (darknet's weights: RGB in 0..1).
+        darknet_bn: darknet's inference batch norm (as DarkNet19's).
 
     forward: images (B, 3, H, W) -> [(B, C_k, ceil(H / s_k), ceil(W / s_k))] per stride s_k.
     """
 
     def __init__(self, out_strides: Sequence[int] = (8, 16, 32), weights: str | None = None,
                  attention: str | None = None, mean: Sequence[float] = UNIT_MEAN, std: Sequence[float] = UNIT_STD,
-                 min_size: int | None = None, size_divisor: int | None = None):
+                 min_size: int | None = None, size_divisor: int | None = None, darknet_bn: bool = False):
         make_attention(attention, 1)  # an unknown kind fails here, before 40M parameters are built
-        features, taps = darknet53_features(attention)
+        features, taps = darknet53_features(attention, darknet_bn)
         # attention lives in the residual blocks, not on the stage outputs: None to the base
         super().__init__("darknet53", features, taps, out_strides, None, mean=mean, std=std,
+                         min_size=min_size, size_divisor=size_divisor)
+        self._init_and_load(weights, truncated=len(self.features) < len(features))
+
+
+class DarkNetTiny(_DarkNet):
+    """The trunk of darknet's tiny YOLOs (yolov2-tiny.cfg, yolov3-tiny.cfg): six 3x3 convs (16 .. 512) each
+    followed by a 2x2 max-pool (stride 2 for the first five, darknet's size-keeping stride 1 for the sixth), then a
+    3x3 conv of 1024.
+
+    Args:
+        out_strides: maps to return, among 1, 2, 4, 8, 16 (256 ch), 32 (1024 ch).
+        weights: None (random init), a darknet file (the first N convs of a tiny cfg's ``*.weights`` /
+            ``*.conv.N``), or a state-dict file of this module.
+        attention: 'se' | 'cbam' | None, on the output of every stage (each tap up to the deepest).
+        mean, std, min_size, size_divisor: see ``Backbone`` (darknet's weights: RGB in 0..1).
+        darknet_bn: darknet's inference batch norm (as DarkNet19's).
+
+    forward: images (B, 3, H, W) -> [(B, C_k, ceil(H / s_k), ceil(W / s_k))] per stride s_k.
+    """
+
+    def __init__(self, out_strides: Sequence[int] = (8, 16, 32), weights: str | None = None,
+                 attention: str | None = None, mean: Sequence[float] = UNIT_MEAN, std: Sequence[float] = UNIT_STD,
+                 min_size: int | None = None, size_divisor: int | None = None, darknet_bn: bool = False):
+        features, taps = darknet_tiny_features(darknet_bn)
+        super().__init__("darknet_tiny", features, taps, out_strides, attention, mean=mean, std=std,
                          min_size=min_size, size_divisor=size_divisor)
         self._init_and_load(weights, truncated=len(self.features) < len(features))

@@ -23,8 +23,25 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from torchvision.ops import box_iou
 
 PRESETS = ("ssd", "yolo", "none", "letterbox", "flip")
-# evaluation resize (``eval_resize`` of configs/augment/) -> the preset that does only that
-EVAL_PRESETS = {"stretch": "none", "letterbox": "letterbox"}
+# evaluation resize (``eval_resize`` of configs/augment/) -> the preset that does only that ('none_float':
+# evaluation only, its images are float32)
+EVAL_PRESETS = {"stretch": "none", "letterbox": "letterbox", "stretch_float": "none_float"}
+# the resizes that stretch the whole image to the input (frame: the two scales, no padding)
+STRETCH_RESIZES = ("stretch", "stretch_float")
+
+
+class FloatResize(A.Resize):
+    """Resize to (``height``, ``width``) in float32, never rounded back to uint8: torch's bilinear
+    ``interpolate`` (``align_corners=False``, no antialiasing), what torchvision's detection transform
+    (``GeneralizedRCNNTransform``) does to its float image. An imported torchvision model then sees its own
+    input (a uint8 round trip moves pixels by up to 0.5, and its outputs by far more than 1e-3 px); the image
+    comes out (H, W, 3) float32 in 0..255, four times the bytes of uint8. Boxes scale as ``A.Resize``'s."""
+
+    def apply(self, img: np.ndarray, *args: Any, **params: Any) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+        out = torch.nn.functional.interpolate(pixels, size=(self.height, self.width), mode="bilinear",
+                                              align_corners=False)
+        return out[0].permute(1, 2, 0).numpy()
 
 
 class ZoomOut(A.Pad):
@@ -165,7 +182,7 @@ def input_frame(orig_size: Sequence[int], size: Sequence[int], resize: str) -> t
     :func:`build_eval_transform`) puts an image of ``orig_size`` (H0, W0) in the network input of
     ``size`` (H, W): ``(scale_x, scale_y, pad_left, pad_top)`` with ``x = x0 * scale_x + pad_left``
     (``y`` likewise). Evaluation maps predictions back with its inverse."""
-    if resize == "stretch":
+    if resize in STRETCH_RESIZES:
         return int(size[1]) / int(orig_size[1]), int(size[0]) / int(orig_size[0]), 0.0, 0.0
     if resize == "letterbox":
         return letterbox_frame(orig_size, size)
@@ -176,7 +193,8 @@ def build_eval_transform(resize: str, size: Sequence[int], fill: Sequence[float]
                          seed: int | None = None) -> A.Compose:
     """The evaluation pipeline (nothing random): ``resize`` = 'stretch' resizes to ``size`` (H, W)
     ignoring the aspect ratio (preset 'none'); 'letterbox' keeps it and pads with ``fill`` (preset
-    'letterbox', what the 'yolo' preset trains on before its random warp). No ground-truth box is
+    'letterbox', what the 'yolo' preset trains on before its random warp); 'stretch_float' stretches
+    in float32 without rounding (``FloatResize``: torchvision's detection models' resize). No ground-truth box is
     dropped, however small it gets: evaluation scores against every box of the annotation file."""
     if resize not in EVAL_PRESETS:
         raise ValueError(f"unknown eval_resize {resize!r} (have: {', '.join(EVAL_PRESETS)})")
@@ -210,6 +228,8 @@ def build_transform(
         'flip': resize, horizontal flip (``flip_prob``): Faster R-CNN's only augmentation.
         'none': resize only (evaluation with ``eval_resize`` 'stretch').
         'letterbox': letterbox only (evaluation with ``eval_resize`` 'letterbox', as after 'yolo').
+        'none_float': ``FloatResize`` only (evaluation with ``eval_resize`` 'stretch_float'; float32 images,
+            not a training preset).
     ``min_visibility`` and ``min_box_size`` (pixels) decide which boxes are dropped (see the module doc).
 
     Call it as ``t(image=(H0, W0, 3) uint8, bboxes=(N, 4) xyxy, box_index=np.arange(N))``; it returns
@@ -241,6 +261,8 @@ def build_transform(
         ops = [resize]
     elif preset == "letterbox":
         ops = letterbox(height, width, fill_value)
+    elif preset == "none_float":
+        ops = [FloatResize(height, width)]
     else:
         raise ValueError(f"unknown augment preset {preset!r} (have: {', '.join(PRESETS)})")
     return A.Compose(

@@ -13,6 +13,7 @@ from torchvision.ops import box_convert
 
 from detectors.anchors import RPNAnchors
 from detectors.boxes import DeltaBoxCoder, clip_boxes
+from detectors.heads.class_axes import ClassAxis, layer_axes
 from detectors.heads.roi import RoIBoxHead, RoISamples, roi_loss, sample_rois
 from detectors.heads.rpn import RPNHead, rpn_loss, rpn_targets, select_proposals
 from detectors.losses import BOX_LOSSES, CLASS_LOSSES, OBJECTNESS_LOSSES, choose_losses, class_probabilities
@@ -145,6 +146,12 @@ class FasterRCNNHead(nn.Module):
         self.max_detections = max_detections
         self.losses = choose_losses("Faster R-CNN", losses, {"box": "smooth_l1", "cls": "ce", "obj": "bce"},
                                     {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": OBJECTNESS_LOSSES})
+
+    def class_axes(self) -> dict[str, ClassAxis]:
+        """The RoI head's class scores (background, then the C classes) and its class-specific deltas (4 per
+        class) (``detectors.init_from``); the RPN is class-agnostic."""
+        return {**layer_axes(self, [self.roi_head.cls_score], ClassAxis(before=1)),
+                **layer_axes(self, [self.roi_head.bbox_pred], ClassAxis(before=0, inner=4))}
 
     def make_anchors(self, feature_shape: tuple[int, int], device: torch.device) -> Tensor:
         """(A, 4) cxcywh anchors of a map of ``feature_shape``."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from detectors.anchors import SSDPriors
 from detectors.assign import gather_gt, match_priors
 from detectors.boxes import DeltaBoxCoder, clip_boxes
+from detectors.heads.class_axes import ClassAxis, layer_axes
 from detectors.losses import (
     BOX_LOSSES,
     CLASS_LOSSES,
@@ -55,6 +56,10 @@ class SSDHead(nn.Module):
         predictor: 'conv' (SSD's 3x3 conv per level) or 'depthwise' (SSDLite: depthwise 3x3 + BN +
             ReLU6, then a 1x1 conv; torchvision's ``SSDLiteHead``).
         strides: the neck's nominal strides (set by ``Detector``; priors come from the maps' shapes).
+        class_columns: the logit column of each class 0..C-1 (column 0 is the background); None: 1..C.
+            The predictors have ``max(class_columns) + 1`` columns per prior and the softmax runs over all of
+            them; columns no class names are computed but never reported (torchvision's COCO SSD has 91:
+            its 10 "N/A" ids stay in the softmax, so its scores need them).
         losses: the ``loss`` config: ``box`` (default smooth_l1 on the offsets; l1, sse; iou, giou, diou,
             ciou on the decoded boxes), ``cls`` (default ce: softmax cross-entropy with hard negative
             mining, as the paper; softmax_focal, bce or focal over every prior, no mining: the focal
@@ -79,11 +84,20 @@ class SSDHead(nn.Module):
         predictor: str = "conv",
         strides: Sequence[int] = (),
         losses: Mapping[str, Any] | None = None,
+        class_columns: Sequence[int] | None = None,
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
+        columns = list(range(1, num_classes + 1)) if class_columns is None else [int(c) for c in class_columns]
+        if len(columns) != num_classes or min(columns) < 1 or len(set(columns)) != num_classes:
+            raise ValueError(f"head.class_columns must be {num_classes} distinct columns >= 1 (0 is the "
+                             f"background), one per class; got {list(class_columns)}")
+        self.class_columns = columns
+        self.num_columns = max(columns) + 1  # logits per prior, background included
+        self.plain_columns = columns == list(range(1, num_classes + 1))  # class c in column c + 1
+        self.register_buffer("_columns", torch.tensor(columns), persistent=False)
         self.priors = priors or SSDPriors()
         self.coder = DeltaBoxCoder.from_variances(tuple(variances))
         self.iou_threshold, self.neg_pos_ratio, self.min_negatives = iou_threshold, neg_pos_ratio, min_negatives
@@ -97,13 +111,13 @@ class SSDHead(nn.Module):
         self.losses = choose_losses("SSD", losses, {"box": "smooth_l1", "cls": "ce"},
                                     {"box": BOX_LOSSES, "cls": CLASS_LOSSES, "obj": ()})
         make = predictor_conv if predictor == "conv" else depthwise_predictor
-        self.cls_convs = nn.ModuleList(make(c, p * (num_classes + 1)) for c, p in zip(in_channels, per_cell))
+        self.cls_convs = nn.ModuleList(make(c, p * self.num_columns) for c, p in zip(in_channels, per_cell))
         self.box_convs = nn.ModuleList(make(c, p * 4) for c, p in zip(in_channels, per_cell))
         if self.losses.cls != "ce":
             # RetinaNet's prior: every class starts at probability 0.01 (sigmoid), or the background at 0.99
             # (softmax), so the many background priors do not swamp the first steps of a loss over all priors
             for conv in self.cls_convs:
-                bias = (conv if isinstance(conv, nn.Conv2d) else conv[-1]).bias.data.view(-1, num_classes + 1)
+                bias = (conv if isinstance(conv, nn.Conv2d) else conv[-1]).bias.data.view(-1, self.num_columns)
                 if self.losses.cls in SIGMOID_CLASS_LOSSES:
                     bias.fill_(-math.log((1 - 0.01) / 0.01))
                 else:
@@ -116,9 +130,14 @@ class SSDHead(nn.Module):
         cls, box = [], []
         for f, cls_conv, box_conv in zip(feats, self.cls_convs, self.box_convs):
             # (B, P*K, h, w) -> (B, h, w, P*K) -> (B, h*w*P, K): the priors' order
-            cls.append(cls_conv(f).permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes + 1))
+            cls.append(cls_conv(f).permute(0, 2, 3, 1).reshape(batch, -1, self.num_columns))
             box.append(box_conv(f).permute(0, 2, 3, 1).reshape(batch, -1, 4))
         return SSDRaw(torch.cat(cls, 1), torch.cat(box, 1), [tuple(f.shape[-2:]) for f in feats])
+
+    def class_axes(self) -> dict[str, ClassAxis]:
+        """The class predictors' outputs: per prior, background then the C classes (``detectors.init_from``)."""
+        layers = [conv if isinstance(conv, nn.Conv2d) else conv[-1] for conv in self.cls_convs]
+        return layer_axes(self, layers, ClassAxis(before=1))
 
     def make_priors(self, raw: SSDRaw, image_size: tuple[int, int]) -> Tensor:
         return self.priors(raw.feature_shapes, image_size, raw.box_offsets.device)
@@ -139,7 +158,10 @@ class SSDHead(nn.Module):
             if "difficult" in targets:
                 ignore = positive & gather_gt(targets["difficult"], match.gt_index)
                 positive = positive & ~ignore
-            labels = torch.where(positive, gather_gt(targets["labels"], match.gt_index) + 1, 0)
+            matched_labels = gather_gt(targets["labels"], match.gt_index)
+            columns = (matched_labels + 1 if self.plain_columns
+                       else self._columns[matched_labels.clamp(min=0)])  # padding's -1 is masked out below
+            labels = torch.where(positive, columns, 0)
             pos_weight = positive * gather_gt(targets["weights"].float(), match.gt_index)
             matched_boxes = gather_gt(targets["boxes"], match.gt_index)
         with stage("loss"):
@@ -170,6 +192,8 @@ class SSDHead(nn.Module):
         under loss.cls=bce or focal). What ``predict`` runs NMS on, and what an exported model outputs."""
         priors = self.make_priors(raw, image_size)
         scores = class_probabilities(self.losses, raw.cls_logits.float(), background=True)
+        if not self.plain_columns:  # the named columns only (column c is scores[..., c - 1])
+            scores = scores[..., self._columns - 1]
         return clip_boxes(self.coder.decode(raw.box_offsets.float(), priors), image_size), scores
 
     @torch.no_grad()

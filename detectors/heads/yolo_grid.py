@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from detectors.anchors import AnchorGrid, YOLOAnchors
 from detectors.assign import GridTargets, assign_to_grid
 from detectors.boxes import GridCoder, clip_boxes
+from detectors.heads.class_axes import ClassAxis, layer_axes
 from detectors.losses import (
     BOX_LOSSES,
     CLASS_LOSSES,
@@ -100,6 +101,11 @@ class YOLOGridHead(nn.Module):
         # objectness starts at 1% (RetinaNet's prior): the no-object term does not swamp the start
         with torch.no_grad():
             conv.bias.view(self.num_anchors, 5 + self.num_classes)[:, 4] = math.log(0.01 / 0.99)
+
+    def predictor_axes(self, predictors: list[nn.Conv2d]) -> dict[str, ClassAxis]:
+        """A subclass's ``class_axes`` (``detectors.init_from``): its ``predictors``' outputs are, per anchor,
+        t_x, t_y, t_w, t_h, t_o then the C classes."""
+        return layer_axes(self, predictors, ClassAxis(before=5))
 
     def grid(self, raw: GridRaw, image_size: tuple[int, int]) -> AnchorGrid:
         return self.yolo_anchors.grid(raw.shapes, image_size, raw.output.device)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from detectors.assign import cells_of_centres, gather_gt, owner_of_slots
 from detectors.boxes import batched_box_iou, clip_boxes
+from detectors.heads.class_axes import ClassAxis, layer_axes
 from detectors.layers import ConvBN
 from detectors.losses import (
     BOX_LOSSES,
@@ -202,6 +203,11 @@ class YOLOv1Head(nn.Module):
         bias[: 5 * num_boxes].view(num_boxes, 5)[:, :4] = 0.5
         with torch.no_grad():
             output_layer.bias.copy_(bias.repeat(cells if fully_connected else 1))
+
+    def class_axes(self) -> dict[str, ClassAxis]:
+        """The output layer's outputs (``detectors.init_from``): per cell (the FC's) or for every cell (the 1x1
+        conv's), the boxes' 5 x num_boxes values then the C class probabilities."""
+        return layer_axes(self, [self.fc[-1]], ClassAxis(before=5 * self.num_boxes))
 
     def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> YOLOv1Raw:
         """feats: [(B, C_in, H / 32, W / 32)] -> YOLOv1Raw with output (B, S_h, S_w, 5 num_boxes + C)."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from detectors.boxes import paired_box_iou
+from detectors.heads.class_axes import ClassAxis
 from detectors.heads.yolo_grid import YOLOGridHead
 from detectors.timing import stage
 
@@ -96,6 +97,9 @@ class YOLOv2Head(YOLOGridHead):
         self.init_predictor(self.predictor)
         # training images seen, for the prior-matching term; in the state dict, so a resumed run goes on counting
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
+
+    def class_axes(self) -> dict[str, ClassAxis]:
+        return self.predictor_axes([self.predictor])
 
     def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> YOLOv2Raw:
         """feats: [(B, C, h, w)] -> YOLOv2Raw (B, h, w, A, 5 + C); darknet's channel layout is

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detectors.heads.class_axes import ClassAxis
 from detectors.heads.yolo_grid import YOLOGridHead
 from detectors.timing import stage
 
@@ -93,6 +94,9 @@ class YOLOv3Head(YOLOGridHead):
         self.predictors = nn.ModuleList(nn.Conv2d(c, self.num_anchors * (5 + num_classes), 1) for c in in_channels)
         for predictor in self.predictors:
             self.init_predictor(predictor)
+
+    def class_axes(self) -> dict[str, ClassAxis]:
+        return self.predictor_axes(list(self.predictors))
 
     def forward(self, feats: list[Tensor], targets: dict[str, Tensor] | None = None) -> YOLOv3Raw:
         """feats: [(B, C_l, h_l, w_l)] strides ascending -> YOLOv3Raw (B, sum_l h_l w_l A, 5 + C); darknet's

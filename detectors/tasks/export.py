@@ -28,6 +28,7 @@ import detectors
 from detectors.checkpoints import load_checkpoint, restore_model
 from detectors.data.image_folder import ImageFiles, collate_images, find_inputs, prepare
 from detectors.data.shapes import ShapesGenerator
+from detectors.data.transforms import STRETCH_RESIZES
 from detectors.export import (
     ExportedDetector,
     ExportError,
@@ -93,7 +94,8 @@ def metadata_of(run: DictConfig, exported: ExportedDetector, ckpt_path: str, inp
     """What a user of the ONNX file needs to feed it and read it, as ``metadata_props`` strings."""
     size = exported.image_size
     _, resize, fill = eval_resize_of(run, size)
-    how = "stretched to H x W" if resize == "stretch" else f"letterboxed into H x W (aspect kept, centred, fill {fill})"
+    how = ("stretched to H x W" if resize in STRETCH_RESIZES
+           else f"letterboxed into H x W (aspect kept, centred, fill {fill})")
     meta = {
         "classes": json.dumps(list(run.data.classes)),
         "input": f"images (B, 3, {size[0]}, {size[1]}) {input_dtype} RGB 0..255, {how}; normalised in the graph",
