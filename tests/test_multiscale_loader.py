@@ -21,7 +21,6 @@ import detectors  # noqa: F401  (resolvers)
 from detectors.boxes import stretch_frames
 from detectors.data.batch_ops import MultiScale
 from detectors.data.datamodule import DetectionDataModule
-from detectors.data.formats.shapes import ShapesSource
 from detectors.data.transforms import letterbox_frame
 from tests.test_train_e2e import assert_fast_dev_run_trained_and_validated
 

@@ -15,14 +15,25 @@ on its own warning line. Boxes are judged as the loader reads them, continuous a
 xmax < xmin; xmin = 0 starts a pixel outside the image and is clipped). Exit status 1 when
 training with this config would stop (a missing split, or a problem under
 ``on_bad_sample=raise``), 0 otherwise.
+
+Beside the report (``report.txt``), in ``--out`` (default ``logs/data_check/<time>``), it draws the
+training split's boxes as training maps them to the model's input (stretched, or letterboxed under
+the 'yolo' augment preset; ``detectors.data.views``): ``class_counts.png``, ``box_shapes.png`` (widths,
+heights, aspect ratios, the YOLO anchors on the (w, h) density), ``box_centres.png``,
+``boxes_per_image.png``; and measures how the model's anchors fit them (``detectors.anchors.fit``: the
+share of boxes whose best anchor IoU is >= 0.5 and the mean best IoU, overall and per class, also in
+``anchor_fit.csv``), with the k-means command to run when the share is low. ``--no-views`` skips both.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
+import shlex
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +44,7 @@ import hydra
 import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from torch import Tensor
 
 from detectors.data.formats import common as C
 from detectors.data.formats.yolo import NO_LABEL_FILE
@@ -172,6 +184,77 @@ def format_report(
     return "\n".join(lines)
 
 
+# below this share of boxes with a best anchor IoU >= 0.5 the report suggests k-means (AutoAnchor's 0.98)
+LOW_FIT_SHARE = 0.98
+
+
+def view_training_boxes(cfg: DictConfig, datamodule, out_dir: Path, overrides: Sequence[str],
+                        threshold: float = 0.5) -> list[str]:
+    """The training split's pictures (``detectors.data.views``) and the fit of the model's anchors to its
+    boxes (``anchor_fit.csv``) into ``out_dir``; returns the report's lines about them."""
+    from detectors.anchors.fit import SHAPE, anchor_boxes, box_fit, shape_fit
+    from detectors.data.views import write_views
+    from detectors.data.training_boxes import boxes_at_input, training_records, training_resize
+
+    records, _ = training_records(datamodule.source)
+    input_size = list(datamodule.input_size)
+    preset, letterbox, min_box_size = training_resize(datamodule)
+    boxes, labels, image, _ = boxes_at_input(records, input_size, letterbox, min_box_size)
+    classes = list(datamodule.classes)
+    height, width = input_size
+    lines = [f"training boxes at the {width}x{height} input ({'letterbox' if letterbox else 'stretch'}, augment "
+             f"preset {preset!r}): {len(boxes)} boxes of {len(records)} images (difficult, crowd and boxes under "
+             f"{min_box_size:g} px left out as training leaves them)"]
+    with open_dict(cfg):
+        cfg.data.classes = classes
+        if "weights" in cfg.get("backbone", {}):
+            cfg.backbone.weights = None  # the anchors do not depend on the weights: build without loading any
+    detector = hydra.utils.instantiate(cfg.model.detector)
+    made = anchor_boxes(detector, input_size)
+    head = type(detector.head).__name__
+    write_views(out_dir, boxes, labels, image, len(records), classes, input_size,
+                made[1] if made is not None and made[0] == SHAPE else None)
+    if made is None or not len(boxes):
+        lines.append(f"anchor fit: {'no training boxes' if made else f'{head} has no anchors or priors'} "
+                     "(no anchor_fit.csv)")
+        return lines
+    kind, anchors = made
+
+    def fit(sel: slice | Tensor = slice(None)):
+        return (shape_fit(boxes[sel][:, 2:] - boxes[sel][:, :2], anchors, threshold) if kind == SHAPE
+                else box_fit(boxes[sel], anchors, threshold))
+
+    overall = fit()
+    per_class = [fit(labels == c) for c in range(len(classes))]
+    noun = "priors" if hasattr(detector.head, "priors") else "anchors"
+    what = (f"{len(anchors)} anchors by shape, centres aligned as YOLO assigns" if kind == SHAPE
+            else f"{len(anchors)} {noun} where the grid places them at {width}x{height}")
+    lines.append(f"anchor fit of {head} ({what}): {overall.share:.1%} of {overall.num_boxes} boxes have a best "
+                 f"IoU >= {threshold:g}, mean best IoU {overall.mean_iou:.3f}")
+    for name, f in zip(classes, per_class):
+        if f.num_boxes:
+            lines.append(f"  {name}: {f.share:.1%} of {f.num_boxes}, mean best IoU {f.mean_iou:.3f}")
+    with open(out_dir / "anchor_fit.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["class", "boxes", f"share_best_iou_ge_{threshold:g}", "mean_best_iou", "head", "kind",
+                         "anchors", "input_h", "input_w"])
+        for name, f in [("all", overall), *zip(classes, per_class)]:
+            writer.writerow([name, f.num_boxes, f"{f.share:.6f}", f"{f.mean_iou:.6f}", head, kind, len(anchors),
+                             height, width])
+    if overall.num_boxes and overall.share < LOW_FIT_SHARE:
+        data_args = " ".join(shlex.quote(o) for o in overrides if not o.startswith("head.anchors")) or "data=..."
+        k = len(anchors) if kind == SHAPE else 9
+        command = f"python -m detectors.anchors kmeans {data_args} k={k}"
+        if kind == SHAPE:
+            lines.append(f"the anchors fit under {LOW_FIT_SHARE:.0%} of the boxes: cluster new ones with\n  "
+                         f"{command}\nand pass its head.anchors=... override to train.py")
+        else:
+            sizes = "head.priors' scales" if noun == "priors" else "head.anchor_sizes and head.aspect_ratios"
+            lines.append(f"the {noun} fit under {LOW_FIT_SHARE:.0%} of the boxes: their sizes ({sizes}) miss some "
+                         f"box shapes; the shapes' clusters to choose them from:\n  {command}")
+    return lines
+
+
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIGS) -> DictConfig:
     """configs/train.yaml with train.py's overrides (data=..., data.root=..., experiment=...)."""
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3", job_name="check"):
@@ -189,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads that open images")
     parser.add_argument("--small", type=float, default=8.0, help="report boxes under this many px at the input size")
     parser.add_argument("--config-dir", type=Path, default=CONFIGS)
+    parser.add_argument("--out", type=Path, help="folder of the report and pictures (default logs/data_check/<time>)")
+    parser.add_argument("--no-views", dest="views", action="store_false",
+                        help="the text report only: no pictures, no anchor fit (no model is built)")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
@@ -209,15 +295,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     audits = {s: audit_split(source, s, input_size, args.decode, args.workers, args.small) for s in splits}
     root = cfg.data.get("root")
     header = f"dataset audit: {type(source).__name__}" + (f", data.root={root}" if root is not None else "")
-    print(format_report(audits, source.classes, on_bad_sample, header, args.small, input_size))
+    report = [format_report(audits, source.classes, on_bad_sample, header, args.small, input_size)]
     required = ["train", "val", *(["test"] if cfg.get("test") else [])]
     reasons = would_stop(audits, on_bad_sample, required)
     if reasons:
-        print("training with this config would stop:\n  " + "\n  ".join(reasons))
-        return 1
-    dropped = sum(sum(n for k, n in a.problems.items() if k != C.CLIPPED and k != NO_LABEL_FILE) for a in audits.values())
-    print(f"training with this config would run{f'; it leaves out {dropped} boxes or images (above)' if dropped else ''}")
-    return 0
+        report.append("training with this config would stop:\n  " + "\n  ".join(reasons))
+    else:
+        dropped = sum(sum(n for k, n in a.problems.items() if k != C.CLIPPED and k != NO_LABEL_FILE)
+                      for a in audits.values())
+        left_out = f"; it leaves out {dropped} boxes or images (above)" if dropped else ""
+        report.append(f"training with this config would run{left_out}")
+    print("\n".join(report))
+    if args.views and "train" in audits and audits["train"].error is None:
+        out = args.out or Path(cfg.paths.log_dir) / "data_check" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lines = view_training_boxes(cfg, datamodule, out, args.overrides)
+        except Exception as e:  # noqa: BLE001 (the audit above stands; say what the views could not do)
+            lines = [f"no pictures or anchor fit: {type(e).__name__}: {e}"]
+        lines.append(f"wrote the report and pictures to {out}")
+        print("\n".join(lines))
+        (out / "report.txt").write_text("\n".join(report + lines) + "\n")
+    elif args.views:
+        print("no pictures or anchor fit: they describe the train split, which was not read")
+    return 1 if reasons else 0
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def match_detections(
     gt_key: Tensor,
     gt_crowd: Tensor,
     gt_ignore: Tensor,
-) -> tuple[Tensor, Tensor]:
+    return_gt_index: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Greedy COCO matching of ``evaluateImg`` for all (image, category) groups at once.
 
     Args:
@@ -80,10 +81,13 @@ def match_detections(
         gt_key: ``(M,)`` int64 group key of each GT (sorted).
         gt_crowd: ``(M,)`` bool iscrowd.
         gt_ignore: ``(M, A)`` bool, per area range: crowd or area outside the range.
+        return_gt_index: also return which GT each detection matched.
 
     Returns:
         ``matched`` ``(N, T, A)`` bool (dtMatches != 0) and ``matched_ignored``
-        ``(N, T, A)`` bool (the matched GT was ignored, so the detection is too).
+        ``(N, T, A)`` bool (the matched GT was ignored, so the detection is too);
+        with ``return_gt_index`` also ``gt_index`` ``(N, T, A)`` int64, the row of the
+        matched GT in ``gt_boxes`` (-1: none), for analyses that need the pairs.
     """
     device = det_boxes.device
     n_det, n_area = det_boxes.shape[0], gt_ignore.shape[1]
@@ -91,14 +95,19 @@ def match_detections(
     n_thr = iou_thr.numel()
     matched = torch.zeros(n_det, n_thr, n_area, dtype=torch.bool, device=device)
     matched_ignored = torch.zeros_like(matched)
+    if return_gt_index:  # only on request: (N, T, A) int64 is 8x the flags
+        gt_index = torch.full(matched.shape, -1, dtype=torch.int64, device=device)
+        done = (matched, matched_ignored, gt_index)
+    else:
+        done = (matched, matched_ignored)
     if n_det == 0 or gt_key.numel() == 0:
-        return matched, matched_ignored
+        return done
 
     group_keys, gt_group, gt_count = torch.unique_consecutive(gt_key, return_inverse=True, return_counts=True)
     pos = torch.searchsorted(group_keys, det_key).clamp(max=group_keys.numel() - 1)
     det_rows = torch.nonzero(group_keys[pos] == det_key).squeeze(1)  # detections with a GT to match
     if det_rows.numel() == 0:
-        return matched, matched_ignored
+        return done
     det_group = pos[det_rows]
 
     # Order groups by how many detections they hold, so at rank r the groups
@@ -125,6 +134,8 @@ def match_detections(
     pad_crowd[gt_row, gt_slot] = gt_crowd[keep]
     pad_ignore = torch.ones(n_groups, n_area, g_max, dtype=torch.bool, device=device)
     pad_ignore[gt_row, :, gt_slot] = gt_ignore[keep]
+    pad_index = torch.full((n_groups, g_max), -1, dtype=torch.int64, device=device)
+    pad_index[gt_row, gt_slot] = torch.nonzero(keep).squeeze(1)
 
     det_table = torch.full((n_groups, len(active_counts)), -1, dtype=torch.long, device=device)
     det_table[new_index[det_group], det_rank[det_rows]] = det_rows
@@ -160,7 +171,10 @@ def match_detections(
         taken_n.scatter_(3, slot, taken_n.gather(3, slot) | hit[..., None])
         matched[rows] = hit
         matched_ignored[rows] = hit & ~has_regular
-    return matched, matched_ignored
+        if return_gt_index:
+            found = pad_index[:n].gather(1, slot.view(n, -1)).view(n, n_thr, n_area)
+            gt_index[rows] = torch.where(hit, found, torch.full_like(found, -1))
+    return done
 
 
 def accumulate(

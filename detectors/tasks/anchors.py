@@ -25,7 +25,6 @@ read or clustered, 2 for a malformed command line.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import sys
@@ -33,18 +32,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
-from torch import Tensor
 
 from detectors.anchors import kmeans_anchors, mean_best_iou
-from detectors.data.records import Record, Source
-from detectors.data.transforms import build_transform, letterbox_frame
+from detectors.data.training_boxes import (  # noqa: F401  (boxes_at_input, training_records: also read here)
+    LETTERBOX_PRESETS,
+    box_sizes_at_input,
+    boxes_at_input,
+    training_records,
+    training_resize,
+)
 
 USAGE = ("usage: python -m detectors.anchors kmeans [Hydra overrides as for train.py] [k=5] [seed=0] [iters=300] "
          "[out=PATH]")
 OWN_KEYS = {"k": int, "seed": int, "iters": int, "out": str}
-LETTERBOX_PRESETS = ("yolo", "letterbox")
 
 
 def split_arguments(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -61,39 +62,6 @@ def split_arguments(argv: Sequence[str]) -> tuple[dict, list[str]]:
         else:
             overrides.append(arg)
     return own, overrides
-
-
-def training_records(source: Source, split: str = "train") -> tuple[list[Record], bool]:
-    """The split's records with their boxes, and whether the images had to be loaded for them: a
-    generated source (the shapes) makes its boxes with the image, its records carry none."""
-    records = source.records(split)
-    if records and not any(len(r.boxes) for r in records):
-        return [source.load(r)[1] for r in records], True
-    return records, False
-
-
-def box_sizes_at_input(records: Sequence[Record], input_size: Sequence[int], letterbox: bool,
-                       min_box_size: float) -> tuple[Tensor, dict[str, int]]:
-    """Widths and heights of the records' trainable boxes in pixels of the input (H, W).
-
-    Returns ((N, 2) float64, counts of the boxes left out by reason).
-    """
-    height, width = int(input_size[0]), int(input_size[1])
-    counts = [len(r.boxes) for r in records]
-    boxes = np.concatenate([r.boxes for r in records]).astype(np.float64) if sum(counts) else np.zeros((0, 4))
-    ignored = np.concatenate([r.difficult | r.iscrowd for r in records]) if sum(counts) else np.zeros(0, bool)
-    if letterbox:
-        frames: dict[tuple[int, int], tuple[float, float, float, float]] = {}
-        scales = [frames.setdefault((r.height, r.width), letterbox_frame((r.height, r.width), (height, width)))[:2]
-                  for r in records]
-    else:
-        scales = [(width / r.width, height / r.height) for r in records]
-    scale = np.repeat(np.asarray(scales, dtype=np.float64).reshape(-1, 2), counts, axis=0)  # (N, 2) per box
-    wh = (boxes[:, 2:] - boxes[:, :2]) * scale
-    tiny = ~ignored & (wh < min_box_size).any(axis=1)
-    left_out = {"difficult or crowd": int(ignored.sum()),
-                f"under min_box_size={min_box_size:g} px at the input": int(tiny.sum())}
-    return torch.from_numpy(wh[~ignored & ~tiny]), left_out
 
 
 def anchors_yaml(anchors: Sequence[Sequence[float]]) -> str:
@@ -140,12 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot read the training split: {e}")
         return 1
     input_size = datamodule.input_size
-    augment = datamodule.augment
-    preset = augment.get("preset", "none")
-    letterbox = preset in LETTERBOX_PRESETS
-    # the training transform's own default where the augment config does not set it
-    default_min_box_size = inspect.signature(build_transform).parameters["min_box_size"].default
-    min_box_size = float(augment.get("min_box_size", default_min_box_size))
+    preset, letterbox, min_box_size = training_resize(datamodule)
     wh, left_out = box_sizes_at_input(records, input_size, letterbox, min_box_size)
 
     height, width = input_size

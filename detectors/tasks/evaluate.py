@@ -10,18 +10,40 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detectors.callbacks.best_f1_threshold import origin, stored_threshold
 from detectors.callbacks.evaluation_writer import EvaluationWriter
 from detectors.checkpoints import load_checkpoint, restore_model
 from detectors.evaluation.report import format_report
 from detectors.evaluation.results import category_ids_of
+from detectors.evaluation.tide_report import summary_lines
+from detectors.evaluation.threshold_curves import format_best_f1
 from detectors.noise import silence_known_noise
+from detectors.tta import tta_from_config
 
 log = logging.getLogger(__name__)
 
 
-def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes: int) -> EvaluationWriter:
-    """The callback that writes ``cfg.output``'s files (results JSON, PR curves, sample grid) for ``cfg.split``."""
+def operating_threshold_of(setting, checkpoint: dict | None) -> tuple[float | None, str]:
+    """``output.operating_threshold``: a number; or ``auto``: the checkpoint's best-F1 threshold of its last
+    validation (what ``predict.py score_threshold=auto`` keeps), else None (the evaluated split's own best-F1
+    threshold). Returns the threshold and where it comes from."""
+    if setting is None or str(setting) == "auto":
+        stored = stored_threshold(checkpoint or {})
+        if stored is None:
+            return None, ""
+        return float(stored["threshold"]), f"the checkpoint's {origin(stored)}"
+    try:
+        return float(setting), "output.operating_threshold"
+    except ValueError:
+        raise ValueError(f"output.operating_threshold must be a number or auto, got {setting!r}") from None
+
+
+def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes: int,
+                 checkpoint: dict | None = None) -> EvaluationWriter:
+    """The callback that writes ``cfg.output``'s files (results JSON, PR curves, sample grid, confusion matrix,
+    threshold curves, image ranking) for ``cfg.split``; ``checkpoint`` gives the stored best-F1 threshold."""
     out = cfg.get("output") or {}
+    threshold, source = operating_threshold_of(out.get("operating_threshold", "auto"), checkpoint)
     records = datamodule.dataset(cfg.split).records if hasattr(datamodule, "dataset") else []
     return EvaluationWriter(
         output_dir=Path(cfg.paths.output_dir),
@@ -34,6 +56,11 @@ def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes
         results_file=out.get("results_file", "coco_results.json"),
         ground_truth_file=out.get("ground_truth_file", "coco_ground_truth.json"),
         samples_file=out.get("samples_file", "samples.png"),
+        analyses=out.get("analyses", True),
+        operating_threshold=threshold,
+        operating_threshold_source=source,
+        num_ranked_images=out.get("num_ranked_images", 10),
+        error_breakdown=out.get("error_breakdown", True),
     )
 
 
@@ -57,8 +84,9 @@ def run_evaluation(cfg: DictConfig, verbose: bool = True) -> tuple[dict, Evaluat
         run.data.num_workers = cfg.num_workers
     datamodule = hydra.utils.instantiate(run.data)
     model = restore_model(ckpt, run, cfg.ckpt_path)
+    tta_from_config(model, cfg.get("tta"))  # tta=true: flipped and scaled views, merged (detectors/tta.py)
 
-    writer = build_writer(cfg, datamodule, len(class_names))
+    writer = build_writer(cfg, datamodule, len(class_names), ckpt)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
         enable_checkpointing=False, default_root_dir=cfg.paths.output_dir, callbacks=[writer],
@@ -76,6 +104,13 @@ def evaluate(cfg: DictConfig) -> dict:
     COCO stats and the per-class table, and where the files went."""
     metrics, writer = run_evaluation(cfg)
     print(format_report(metrics, writer.class_names, title=f"{cfg.split} split, {cfg.ckpt_path}"))
+    if writer.analyses:
+        print("best-F1 score thresholds at IoU 0.5 (boxes scored above the threshold are kept):")
+        print(format_best_f1(writer.analyses["best_f1"]))
+        print(f"confusion matrix and ranked images at score > {writer.analyses['operating_threshold']:.4f}: "
+              f"{writer.analyses['operating_threshold_source']}")
+    if writer.tide is not None:  # TIDE's error breakdown: the AP@0.5 that fixing each error type adds
+        print("\n".join(summary_lines(writer.tide)))
     print(f"evaluation files in {cfg.paths.output_dir}:")
     for kind, path in writer.written.items():
         where = f"{path[0].parent}/ ({len(path)} PNGs)" if isinstance(path, list) and path else path

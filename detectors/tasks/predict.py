@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import albumentations as A
 import torch
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from detectors.callbacks.best_f1_threshold import describe, stored_threshold
 from detectors.checkpoints import load_checkpoint, restore_model
 from detectors.config import auto_precision
 from detectors.data.formats.coco import COCOSource, split_paths
@@ -41,6 +43,7 @@ from detectors.data.transforms import EVAL_PRESETS, build_eval_transform
 from detectors.evaluation.results import category_ids_of
 from detectors.noise import silence_known_noise
 from detectors.tasks.predict_writer import PredictionWriter
+from detectors.tta import tta_from_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,10 @@ def label_filter(names: Sequence[str] | None, class_names: Sequence[str]) -> lis
 def run_category_ids(run: DictConfig, num_classes: int) -> list[int]:
     """The category id of each label as evaluation writes them for the checkpoint's data: label + 1, or
     for a model trained on COCO data the dataset's own ids, read from the categories of the smallest
-    annotation file of its splits (they share one list). Without the files: label + 1, with a warning."""
+    annotation file of its splits (they share one list). Without the files: label + 1, with a warning. A run
+    config's own ``category_ids`` (an imported model's: ``python -m detectors.weights``) come first."""
+    if run.get("category_ids") is not None:
+        return category_ids_of(SimpleNamespace(category_ids=list(run.category_ids)), num_classes)
     source = run.get("data", {}).get("source") or {}
     if source.get("_target_") != COCO_SOURCE:
         return category_ids_of(None, num_classes)
@@ -90,6 +96,23 @@ def run_category_ids(run: DictConfig, num_classes: int) -> list[int]:
     log.warning("the model was trained on COCO data, but its category ids cannot be read (%s): "
                 "predictions.json gives label + 1 as category ids", reason)
     return category_ids_of(None, num_classes)
+
+
+def score_threshold_of(setting, checkpoint: dict) -> float:
+    """``score_threshold``: a number, or ``auto``: the best-F1 threshold (all classes) that training stored
+    from its last validation (``detectors.callbacks.best_f1_threshold``), logged with where it comes from."""
+    if str(setting) != "auto":
+        try:
+            return float(setting)
+        except (TypeError, ValueError):
+            raise PredictError(f"score_threshold must be a number or auto, got {setting!r}") from None
+    stored = stored_threshold(checkpoint)
+    if stored is None:
+        raise PredictError("score_threshold=auto: the checkpoint stores no best-F1 threshold (it was written before "
+                           "its first validation, or by a run without the best_f1_threshold callback); give a "
+                           "number, e.g. score_threshold=0.3")
+    log.info("score_threshold=auto: %s", describe(stored))
+    return float(stored["threshold"])
 
 
 def choose_device(name: str) -> torch.device:
@@ -206,16 +229,22 @@ def predict(cfg: DictConfig) -> dict:
         module = restore_model(ckpt, run, cfg.ckpt_path)
     except ValueError as e:
         raise PredictError(first_line(e)) from None
+    threshold = score_threshold_of(cfg.score_threshold, ckpt)
     del ckpt
     class_names = list(run.data.classes)
     labels = label_filter(cfg.get("classes"), class_names)
     size = input_size_of(cfg, module)
+    try:  # tta=true: flipped and scaled views of each image, merged (detectors/tta.py)
+        tta = tta_from_config(module, cfg.get("tta"))
+        if tta is not None and size != module.input_size:
+            log.info(tta.describe(size))
+    except ValueError as e:
+        raise PredictError(first_line(e)) from None
     device = choose_device(str(cfg.get("device", "auto")))
     dtype = autocast_dtype(cfg.get("precision", "auto"), device)
     module.eval().to(device)
 
     out = cfg.get("output") or {}
-    threshold = float(cfg.score_threshold)
     writer = PredictionWriter(
         cfg.paths.output_dir, class_names, run_category_ids(run, len(class_names)),
         draw=bool(out.get("images", True)), json_file=out.get("json", "predictions.json"),
