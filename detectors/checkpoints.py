@@ -140,6 +140,11 @@ RESUME_IGNORED_KEYS = (
 )
 
 ABSENT = "<absent>"
+# Keys added after checkpoints were written, whose null is what their absence meant: an older checkpoint's run
+# config without them matches a run that leaves them null. init_from is compared (where a run's weights started
+# makes the run: ckpt_path=auto with init_from=X resumes only a run started from X), so a null one must match; so
+# is time_budget (the budget is part of the configuration).
+NULL_WHEN_ABSENT = ("init_from", "time_budget")
 
 
 def _leaves(node, prefix: str = "") -> dict[str, object]:
@@ -171,8 +176,12 @@ def _plain_leaves(config: DictConfig | dict) -> dict[str, object]:
 
 def _differences(old: dict[str, object], new: dict[str, object], ignored: tuple[str, ...]) -> list[str]:
     keys = list(new) + [k for k in old if k not in new]
-    return [f"{k}: {_short(old.get(k, ABSENT))} vs {_short(new.get(k, ABSENT))}"
-            for k in keys if not _ignored(k, ignored) and old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+    def value(config: dict[str, object], key: str) -> object:
+        return config.get(key, None if key in NULL_WHEN_ABSENT else ABSENT)
+
+    return [f"{k}: {_short(value(old, k))} vs {_short(value(new, k))}"
+            for k in keys if not _ignored(k, ignored) and value(old, k) != value(new, k)]
 
 
 def config_differences(stored: DictConfig | dict, current: DictConfig | dict,

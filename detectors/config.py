@@ -59,6 +59,22 @@ def num_classes(classes) -> int:
     return len(classes)
 
 
+def auto_channels_last(precision: str) -> bool:
+    """``${auto_channels_last:${trainer.precision}}``: NHWC where it is the fast layout, NCHW where it is not.
+
+    Channels-last convolutions are the fast ones on a GPU, under bf16 autocast on a CPU (oneDNN's bf16 kernels)
+    and about even with NCHW in float32 on an AVX-512 CPU; in float32 on a CPU without AVX-512 (AVX2: most
+    laptops and older servers) they cost SSD300's training step a third more than NCHW, so such a run keeps NCHW
+    (ours and torchvision's step side by side: BENCHMARKS.md, "Training to a time budget"). The CPU's kind is
+    the one ATen dispatches to (``torch.backends.cpu.get_cpu_capability``: ``ATEN_CPU_CAPABILITY`` lowers it)."""
+    import torch
+
+    if torch.cuda.is_available() or "bf16" in str(precision):
+        return True
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")()
+    return str(capability).upper().startswith("AVX512")
+
+
 def train_input_size(input_size, multiscale_sizes) -> ListConfig:
     """``${train_input_size:${input_size},${multiscale.sizes}}``: the [H, W] the training loader
     delivers, the per-side largest of ``input_size`` and every multi-scale size (``input_size`` when
@@ -76,4 +92,5 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("len", num_classes, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("gpu_or_cpu", gpu_or_cpu, replace=True)
+    OmegaConf.register_new_resolver("auto_channels_last", auto_channels_last, replace=True)
     OmegaConf.register_new_resolver("train_input_size", train_input_size, replace=True)

@@ -316,9 +316,13 @@ class DetectionModule(L.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = collect_rng_state()
+        if self.step_plan.warmup_steps is not None:  # a time budget planned the run's length: it resumes as planned
+            checkpoint["step_plan"] = self.step_plan.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        if "step_plan" in checkpoint:
+            self.step_plan.load_state(checkpoint["step_plan"])
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -340,7 +344,9 @@ class DetectionModule(L.LightningModule):
         if self.schedule is None:
             return
         trainer = self.trainer
-        self.step_plan.total_steps = int(trainer.estimated_stepping_batches)
+        if self.step_plan.warmup_steps is None:  # else a time budget's plan, restored from the checkpoint
+            estimated = trainer.estimated_stepping_batches  # inf with max_epochs=-1: a time budget plans it
+            self.step_plan.total_steps = int(estimated) if math.isfinite(estimated) else None
         self.step_plan.steps_per_epoch = max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler  # the LambdaLR of WarmupSchedule.build: its lambdas read the plan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -46,19 +46,37 @@ class WarmupSchedule:
         self.milestones = list(milestones)
         self.gamma = gamma
 
-    def factor(self, step: int, total_steps: int | None, steps_per_epoch: int | None) -> float:
-        """The multiplier of the base learning rate at optimizer step ``step``. Before the run's length
-        is known (``total_steps`` None, see ``StepPlan``) it is the warm-up's starting factor."""
-        if total_steps is None or steps_per_epoch is None:
-            return self.warmup_factor if self.warmup_epochs > 0 else 1.0
+    def warmup_steps(self, total_steps: int, steps_per_epoch: int) -> int:
+        """The warm-up's length in optimizer steps for a run of ``total_steps``."""
         warmup = int(self.warmup_epochs * steps_per_epoch)
         if warmup > 0:
             warmup = max(warmup, min(self.min_warmup_steps, total_steps // 4))
-        warmup = min(warmup, max(total_steps - 1, 0))
+        return min(warmup, max(total_steps - 1, 0))
+
+    def factor(self, step: int, total_steps: int | None, steps_per_epoch: int | None,
+               warmup_steps: int | None = None, anchor: tuple[int, float] | None = None) -> float:
+        """The multiplier of the base learning rate at optimizer step ``step``. Before the run's length
+        is known (``total_steps`` None, see ``StepPlan``) it is the warm-up's starting factor.
+
+        ``warmup_steps``: a warm-up length fixed earlier (a time budget fixes it at its first plan, so that a
+        later plan does not move it); None: from ``total_steps``. ``anchor``: (step, progress) where a
+        re-planned run's decay stands (``StepPlan.replan``): from there the decay goes linearly in steps to
+        its end at ``total_steps``, so moving the end changes the slope, never the current value."""
+        if total_steps is None or steps_per_epoch is None:
+            return self.warmup_factor if self.warmup_epochs > 0 else 1.0
+        warmup = self.warmup_steps(total_steps, steps_per_epoch) if warmup_steps is None else warmup_steps
         if step < warmup:
             alpha = step / warmup
             return self.warmup_factor * (1 - alpha) + alpha
-        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return self.decay_factor(self.progress(step, total_steps, warmup, anchor))
+
+    @staticmethod
+    def progress(step: int, total_steps: int, warmup: int, anchor: tuple[int, float] | None = None) -> float:
+        """How far the decay is at ``step``: 0 at the warm-up's end, 1 at ``total_steps``."""
+        start, done = (warmup, 0.0) if anchor is None or anchor[0] < warmup else anchor
+        return min(done + (1 - done) * (step - start) / max(total_steps - start, 1), 1.0)
+
+    def decay_factor(self, progress: float) -> float:
         if self.decay == "cosine":
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if self.decay == "multistep":
@@ -67,7 +85,9 @@ class WarmupSchedule:
 
     def build(self, optimizer: Optimizer, plan: StepPlan) -> LambdaLR:
         """A per-step LambdaLR reading the run's length from ``plan`` at every step."""
-        return LambdaLR(optimizer, lambda step: self.factor(step, plan.total_steps, plan.steps_per_epoch))
+        plan.schedule = self
+        return LambdaLR(optimizer, lambda step: self.factor(step, plan.total_steps, plan.steps_per_epoch,
+                                                            plan.warmup_steps, plan.anchor))
 
 
 @dataclass
@@ -78,7 +98,42 @@ class StepPlan:
     asking the trainer for ``estimated_stepping_batches`` there builds the training loader too early,
     and Lightning then never restores its position (lightning issue #20550), so a mid-epoch resume
     would restart the epoch. The module fills this in at ``on_train_start`` instead.
+
+    A time budget (``detectors.callbacks.time_budget``) changes the length while the run goes: it fixes
+    ``warmup_steps`` at its first plan and moves the end with :meth:`replan`, which keeps the learning rate
+    continuous (``anchor``: the step and the decay's progress where the last plan took over).
     """
 
     total_steps: int | None = None
     steps_per_epoch: int | None = None
+    warmup_steps: int | None = None
+    anchor: tuple[int, float] | None = None
+    schedule: WarmupSchedule | None = field(default=None, repr=False, compare=False)
+
+    def replan(self, total_steps: int, step: int) -> None:
+        """End the run at ``total_steps`` from optimizer step ``step`` on: the warm-up keeps its length (fixed
+        now if it was not), the decay goes on from where it is at ``step`` to its end at ``total_steps``."""
+        if self.steps_per_epoch is None or self.schedule is None:
+            self.total_steps = total_steps
+            return
+        if self.warmup_steps is None:
+            # the new length's warm-up, unless the one of the length planned so far is over already
+            done = None if self.total_steps is None else self.schedule.warmup_steps(self.total_steps, self.steps_per_epoch)
+            self.warmup_steps = done if done is not None and step >= done else self.schedule.warmup_steps(
+                total_steps, self.steps_per_epoch)
+        if step >= self.warmup_steps:
+            # where the decay stands now (at its start when the length was unknown until now)
+            progress = 0.0 if self.total_steps is None else self.schedule.progress(
+                step, self.total_steps, self.warmup_steps, self.anchor)
+            self.anchor = (step, progress)
+        self.total_steps = max(total_steps, step + 1)
+
+    def state(self) -> dict:
+        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "anchor": list(self.anchor) if self.anchor is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.total_steps = state.get("total_steps")
+        self.warmup_steps = state.get("warmup_steps")
+        anchor = state.get("anchor")
+        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None

@@ -133,8 +133,10 @@ def test_multiscale_sizes_blocks_and_seed():
 def ssd():
     from common import build_ours, random_batch
 
+    # channels-last as on a GPU or a bf16 CPU (float32 on a CPU, the tests' precision, picks NCHW): the batch
+    # must follow the network's layout
     module = build_ours(["model=ssd300", "mixup.prob=1.0", "multiscale.sizes=[320,352]",
-                         "multiscale.every_n_batches=1", "seed=5"], num_classes=3)
+                         "multiscale.every_n_batches=1", "seed=5", "model.channels_last=true"], num_classes=3)
     # the loader delivers the largest multiscale size (data.train_input_size), which batches shrink from
     return module, random_batch(2, 352, 3, 4, "cpu", seed=1)
 

@@ -95,6 +95,7 @@ def test_paths_epochs_logging_and_loading_settings_do_not_block_a_resume(tmp_pat
     ("seed=7", "seed"),
     ("head.neg_pos_ratio=2", "head.neg_pos_ratio"),
     ("trainer.precision=bf16-mixed", "trainer.precision"),
+    ("time_budget=20m", "time_budget"),  # the budget is part of the configuration (issue 26)
 ])
 def test_a_setting_that_makes_the_run_blocks_the_resume(tmp_path, runs, caplog, override, key):
     write_run(tmp_path, "other", 100, config(tmp_path, override, output="other"))

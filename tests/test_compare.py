@@ -276,6 +276,35 @@ def test_read_train_log_median_rate_wall_time_and_classes(tmp_path):
     assert read_train_log(tmp_path / "missing.log").epochs is None
 
 
+def test_a_time_budgeted_runs_budget_and_use_reach_the_table(tmp_path):
+    """TimeBudget's last line (its format, written by the callback itself) gives the budget and the seconds
+    used; the table shows them as h:mm:ss with the share used; a run without one stays blank."""
+    import logging
+
+    from detectors.callbacks.time_budget import TimeBudget
+    from detectors.tasks.compare_table import MARKDOWN_COLUMNS
+
+    budget = TimeBudget("12m", clock=lambda: 0.0)
+    budget._spent_before = 698.0
+    record = []
+    handler = logging.Handler()
+    handler.emit = lambda r: record.append(r.getMessage())
+    logger = logging.getLogger("detectors.callbacks.time_budget")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        budget.on_train_end(type("T", (), {"is_global_zero": True, "global_step": 200})(), None)
+    finally:
+        logger.removeHandler(handler)
+    path = tmp_path / "train.log"
+    path.write_text(f"[2026-12-04 10:00:00,250][detectors.callbacks.time_budget][INFO] - {record[-1]}\n")
+    facts = read_train_log(path)
+    assert (facts.budget_seconds, facts.budget_used_seconds) == (720.0, 698.0)
+    column = dict(MARKDOWN_COLUMNS)["time budget (used)"]
+    assert column({"time_budget_s": 720.0, "budget_used_s": 698.0}) == "0:12:00 (97%)"
+    assert column({"time_budget_s": None}) == ""
+
+
 def test_find_runs_expands_a_multirun_folder_and_names_what_it_skips(tmp_path):
     for job in ("0", "1", "10"):
         (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)

@@ -27,6 +27,9 @@ TEXTURED_SHAPES = textured_shapes()
 # takes AdamW, from its lr, on a CPU: configs/optimizer/auto.yaml)
 SSD300_SGD = ["optimizer=sgd", "scheduler.warmup_epochs=1.0"]
 
+# a small, fast model for the tests of the loop itself (resume, kill, EMA), which any model would show
+SMALL_MODEL = ["model=ssdlite", "input_size=[128,128]"]
+
 TINY = [
     "data.source.sizes={train: 4, val: 4, test: 4}",
     "data.batch_size=2",
@@ -151,11 +154,22 @@ def test_fast_dev_run_on_shapes(tmp_path):
 @pytest.mark.parametrize("model,backbone", [("yolov2", "darknet19"), ("yolov3", "darknet53")])
 def test_fast_dev_run_of_the_yolo_grid_heads_at_a_drawn_size(model, backbone, tmp_path):
     """The quick tier's train.py run of YOLOv2 and YOLOv3 (their train, evaluate and resume runs are in the
-    slow tier), with a multi-scale size drawn for the batch."""
-    out = run("train.py", f"model={model}", "input_size=[224,224]", "multiscale.sizes=[192,256]",
+    slow tier), with a multi-scale size drawn for the batch: 192, a shrink of the loader's 256 (seed 42's
+    draw for batch 0 from [256, 192]). Its one batch is drawn to train_batch0.jpg at that size (fast_dev_run
+    runs one batch, so train_batch1 and 2, written by longer runs, do not exist here)."""
+    from torchvision.io import read_image
+
+    from detectors.data.batch_ops import MultiScale
+
+    out = run("train.py", f"model={model}", "input_size=[224,224]", "multiscale.sizes=[256,192]",
               "multiscale.every_n_batches=1", "debug=fast_dev_run", run_dir(tmp_path, "fdr"), *TINY)
     assert f"backbone {backbone}: weights from random init" in out
     assert_fast_dev_run_trained_and_validated(out, tmp_path / "fdr")
+    drawn = MultiScale([256, 192], 1, seed=42).size_at(0)
+    assert drawn == (192, 192)
+    picture = read_image(str(tmp_path / "fdr" / "train_batch0.jpg"))  # 2 images side by side, 4 px padding
+    assert tuple(picture.shape) == (3, drawn[0] + 8, 2 * (drawn[1] + 4) + 4)
+    assert not (tmp_path / "fdr" / "train_batch1.jpg").exists()
 
 
 @pytest.mark.slow
@@ -288,7 +302,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers
     # with workers the loader starts (and prefetches) before Lightning counts the checkpoint's epoch
     # as completed: the order of the next epoch must not be the finished one's again. With EMA, both
     # the average and the raw weights must come back.
-    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}",
+    common = [*SMALL_MODEL, *TINY, "trainer.deterministic=true", "data.source.sizes={train: 4, val: 2, test: 2}",
               f"data.num_workers={workers}"]
     if ema:
         common += ["callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5"]
@@ -308,7 +322,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, workers
     for key, value in full["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
     # and the run did train: weights moved from the first epoch's
-    key = "detector.head.cls_convs.0.weight"
+    key = next(k for k in full["state_dict"] if k.startswith("detector.head.cls_convs.0") and k.endswith("weight"))
     assert not torch.equal(first["state_dict"][key], full["state_dict"][key])
     if ema:  # state_dict above is the average; the raw weights too
         assert resumed["callbacks"]["EMAWeightAveraging"]["latest_update_step"] == 4
@@ -382,7 +396,7 @@ def test_kill_mid_epoch_resumes_at_the_next_batch_with_the_same_weights(tmp_path
     """4 batches an epoch, last.ckpt every 2 steps: killed at step 6 (the middle of epoch 1), resumed
     from the step-6 checkpoint, the run ends with the weights of an uninterrupted one. A loader that
     does not keep its position would restart the epoch's order or cut the epoch short."""
-    common = [*TINY, "trainer.deterministic=true", "data.source.sizes={train: 8, val: 2, test: 2}",
+    common = [*SMALL_MODEL, *TINY, "trainer.deterministic=true", "data.source.sizes={train: 8, val: 2, test: 2}",
               "trainer.max_epochs=2", "callbacks.mid_epoch_checkpoint.every_n_train_steps=2", "data.num_workers=2"]
     run("train.py", run_dir(tmp_path, "full"), *common)
     out = run("train.py", run_dir(tmp_path, "killed"), "+callbacks.kill._target_=tests.stop_callback.KillAtStep",
@@ -405,11 +419,11 @@ def test_kill_mid_epoch_resumes_at_the_next_batch_with_the_same_weights(tmp_path
 @pytest.mark.skipif(not HAS_EMA, reason="callbacks=ema needs lightning>=2.6")
 def test_ema_switch_keeps_averaged_weights_in_the_checkpoint(tmp_path):
     run("train.py", "callbacks=ema", "callbacks.ema.update_starting_at_step=0", "callbacks.ema.decay=0.5",
-        "trainer.max_epochs=1", run_dir(tmp_path, "ema"), *TINY)
+        "trainer.max_epochs=1", run_dir(tmp_path, "ema"), *SMALL_MODEL, *TINY)
     ckpt = torch.load(tmp_path / "ema" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["callbacks"]["EMAWeightAveraging"]["latest_update_step"] == 2  # averaged after both steps
     # state_dict holds the average (what validation and evaluate.py use), current_model_state the raw weights
-    key = "detector.head.cls_convs.0.weight"
+    key = next(k for k in ckpt["state_dict"] if k.startswith("detector.head.cls_convs.0") and k.endswith("weight"))
     assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])
 
 

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import RichProgressBar as _LightningRichProgres
 from packaging.version import Version
 from rich.console import Console
 
+from detectors.time_budget import format_duration
+
 # Lightning < 2.5.3 calls Console.clear_live() with no live display when a progress bar starts; since
 # rich 14.1 (a stack of live displays) that raises "IndexError: pop from empty list" (Lightning PR #21016)
 _NEEDS_SHIM = Version(version("lightning")) < Version("2.5.3")
@@ -83,4 +85,10 @@ class RichProgressBar(_LightningRichProgressBar):
         super().on_train_start(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {**super().get_metrics(trainer, pl_module), **self._shown}
+        metrics = {**super().get_metrics(trainer, pl_module), **self._shown}
+        budget = next((c for c in trainer.callbacks if type(c).__name__ == "TimeBudget"), None)
+        if budget is not None:  # time_budget=...: what is left of it, and the planned steps
+            metrics["left"] = format_duration(budget.left())
+            if budget.planned_steps is not None:
+                metrics["steps"] = f"{trainer.global_step}/{budget.planned_steps}"
+        return metrics

@@ -133,6 +133,7 @@ def read_run(run: RunFolder) -> Row | str:
         row.values.update(epochs=metrics.last_epoch + 1 if metrics.last_epoch is not None else None,
                           steps=metrics.last_step + 1)
         row.notes.append("no epoch summary in train.log: epochs and steps as far as metrics.csv logged them")
+    row.values.update(time_budget_s=logged.budget_seconds, budget_used_s=logged.budget_used_seconds)
     row.values.update(train_img_s=logged.img_per_s, wall_time_s=logged.wall_seconds,
                       best_val_map_50=metrics.best_val_map_50, best_val_step=metrics.best_val_step,
                       best_val_epoch=metrics.best_val_epoch + 1 if metrics.best_val_epoch is not None else None,

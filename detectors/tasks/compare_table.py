@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 __all__ = ["CLASS_PREFIX", "CSV_KEYS", "Row", "class_names_of", "markdown", "sort_rows", "summary_line", "write_csv"]
 
 CSV_KEYS = ["run", "model", "backbone", "loss_terms", "input_size", "epochs", "max_epochs", "steps", "params_m",
-            "gflops", "train_img_s", "wall_time_s", "best_val_map_50", "best_val_step", "best_val_epoch", "val_map",
+            "gflops", "train_img_s", "wall_time_s", "time_budget_s", "budget_used_s", "best_val_map_50", "best_val_step", "best_val_epoch", "val_map",
             "test_map_50", "test_map", "class_ap_from"]
 CLASS_PREFIX = "ap50/"
 
@@ -55,6 +55,15 @@ def _epochs(v: dict) -> str:
     return f"{v['epochs']}/{v['max_epochs']}" if v.get("max_epochs") else str(v["epochs"])
 
 
+def _budget(v: dict) -> str:
+    """``12:00 (97%)``: a time-budgeted run's budget and the share of it the run used (train.py's clock, from the
+    start to the end of the last validation); blank for a run without one."""
+    if not v.get("time_budget_s"):
+        return ""
+    used = f" ({100 * v['budget_used_s'] / v['time_budget_s']:.0f}%)" if v.get("budget_used_s") is not None else ""
+    return _duration(v["time_budget_s"]) + used
+
+
 def _best_step(v: dict) -> str:
     if v.get("best_val_step") is None:
         return ""
@@ -73,6 +82,7 @@ MARKDOWN_COLUMNS = [
     ("GFLOPs", lambda v: _fmt(v.get("gflops"), 2)),
     ("train img/s", lambda v: _fmt(v.get("train_img_s"), 1)),
     ("wall time", lambda v: _duration(v.get("wall_time_s"))),
+    ("time budget (used)", lambda v: _budget(v)),
     ("best val mAP@0.5", lambda v: _fmt(v.get("best_val_map_50"), 4)),
     ("at step", _best_step),
     ("val mAP@[.5:.95]", lambda v: _fmt(v.get("val_map"), 4)),

@@ -38,6 +38,8 @@ __all__ = [
 LOG_TIME = re.compile(r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{1,6}))?\]")
 # detectors.callbacks.epoch_summary.EpochSummary's line
 EPOCH_LINE = re.compile(r"epoch (\d+)(?:/(\d+))? step (\d+): .*?(\d+) images ([0-9.]+(?:e[-+]?\d+)?) img/s")
+# detectors.callbacks.time_budget.TimeBudget's last line
+BUDGET_LINE = re.compile(r"time budget .*?\((\d+(?:\.\d+)?) s\): (\d+(?:\.\d+)?) s used")
 # detectors.tasks.train.build_datamodule's line
 CLASSES_LINE = re.compile(r"classes \(label order\): (\[.*\])\s*$")
 
@@ -95,7 +97,8 @@ def find_runs(paths: list[Path]) -> tuple[list[RunFolder], list[tuple[str, str]]
 @dataclass
 class LogFacts:
     """From ``train.log``: the last epoch summary's epoch (of ``max_epochs``) and step, the median of
-    the summaries' training img/s, the seconds from the first to the last timestamped line, the classes."""
+    the summaries' training img/s, the seconds from the first to the last timestamped line, the classes,
+    and a time-budgeted run's budget and the seconds it used."""
 
     epochs: int | None = None
     max_epochs: int | None = None
@@ -103,6 +106,8 @@ class LogFacts:
     img_per_s: float | None = None
     wall_seconds: float | None = None
     classes: list[str] | None = None
+    budget_seconds: float | None = None  # time_budget=..., and how much of it the run used
+    budget_used_seconds: float | None = None
 
 
 def _log_time(line: str) -> datetime | None:
@@ -133,6 +138,8 @@ def read_train_log(path: Path) -> LogFacts:
                 facts.epochs, facts.steps = int(m.group(1)), int(m.group(3))
                 facts.max_epochs = int(m.group(2)) if m.group(2) else None
                 rates.append(float(m.group(5)))
+            elif m := BUDGET_LINE.search(line):
+                facts.budget_seconds, facts.budget_used_seconds = float(m.group(1)), float(m.group(2))
             elif (m := CLASSES_LINE.search(line)) and facts.classes is None:
                 try:
                     facts.classes = [str(c) for c in ast.literal_eval(m.group(1))]

@@ -14,8 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detectors.callbacks.time_budget import BudgetTooShort, TimeBudget
 from detectors.checkpoints import check_fits, check_optimizer_fits, find_resumable_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
+from detectors.init_from import check_init_from, init_from_checkpoint, keep_init_from_of
 from detectors.noise import silence_known_noise
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,11 @@ def run_trial(cfg: DictConfig) -> float | None:
     returns NaN (a failed trial for Optuna) instead of ending the whole sweep."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun:
-        return train(cfg)
+        try:
+            return train(cfg)
+        except BudgetTooShort as e:  # one line saying the minimum, not a traceback
+            log.error("%s", e)
+            raise SystemExit(2) from None
     try:
         metric = train(cfg)
     except Exception:  # noqa: BLE001 (any failure of one trial)
@@ -156,12 +162,16 @@ def run_trial(cfg: DictConfig) -> float | None:
 def train(cfg: DictConfig) -> float | None:
     """Fit (and optionally test) the configured model; returns ``cfg.optimized_metric`` for sweeps."""
     silence_known_noise()
+    # first: the budget counts from here (the data and the model's build, the sanity check, every step)
+    budget = TimeBudget(cfg.time_budget) if cfg.get("time_budget") else None
     L.seed_everything(cfg.seed, workers=True)
+    check_init_from(cfg)  # before anything is built: init_from with a ckpt_path file is refused
     datamodule = build_datamodule(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     checkpoint, resume_step, continued = None, None, False
     if ckpt_path:
         checkpoint, stored_run = load_checkpoint(ckpt_path)
+        keep_init_from_of(stored_run, cfg)
         check_optimizer_fits(stored_run, cfg, ckpt_path)
         resume_step = int(checkpoint.get("global_step", 0))
         if cfg.get("resume_in_run_folder", True):
@@ -171,10 +181,14 @@ def train(cfg: DictConfig) -> float | None:
         # a clear message now instead of Lightning's key-by-key error after the trainer started
         check_fits(model, checkpoint["state_dict"], ckpt_path)
         del checkpoint
+    elif cfg.get("init_from"):
+        # after the build: the backbone's `weights` download does not overwrite what init_from loads
+        init_from_checkpoint(model, cfg.init_from)
     # resuming, what the interrupted run logged after its checkpoint's step is dropped from the logs
     loggers = instantiate_loggers(cfg.get("logger"), None if resume_step is None else resume_step + 1)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")) + ([budget] if budget else []),
+        logger=loggers or False
     )
     log.info("run folder: %s", cfg.paths.output_dir)
     write_git_state(cfg.paths.output_dir, suffix=f".resumed_at_step_{resume_step}" if continued else "")
