@@ -268,16 +268,16 @@ def test_overfit_preset_fits_two_images_to_map_one(tmp_path):
 @pytest.mark.slow
 def test_ckpt_path_auto_resumes_the_newest_run_and_another_model_is_refused(tmp_path, bccd_root):
     logs = f"paths.log_dir={tmp_path / 'logs'}"
-    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=1", logs, *TINY)
+    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=1", logs, *SMALL_MODEL, *TINY)
     assert "no last.ckpt found, starting fresh" in out
     (last,) = (tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt")
-    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=2", logs, *TINY)
+    out = run("train.py", "ckpt_path=auto", "trainer.max_epochs=2", logs, *SMALL_MODEL, *TINY)
     assert f"resuming from {last}" in out
     newest = max((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     assert torch.load(newest, map_location="cpu", weights_only=True)["epoch"] == 1
     # a checkpoint of the 6-class shapes model cannot resume a 3-class BCCD model
     out = run("train.py", f"ckpt_path={last}", "data=voc", f"data.root={bccd_root}", "data.num_workers=0",
-              logs, expect_ok=False)
+              logs, *SMALL_MODEL, expect_ok=False)
     assert "was made by another model" in out and "head.cls_convs" in out
 
 
@@ -349,7 +349,7 @@ def test_optuna_sweep_of_three_trials_and_resume_from_storage(tmp_path):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     common = ["hparams_search=ssd_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=t",
-              "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", *TINY]
+              "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", *SMALL_MODEL, *TINY]
     run("train.py", "-m", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 's1'}", *common)
     study = optuna.load_study(study_name="t", storage=storage)
     assert len(study.trials) == 3
@@ -366,7 +366,9 @@ def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
     import signal
     import time
 
-    common = [*TINY, "data.source.sizes={train: 8, val: 2, test: 2}", "trainer.max_epochs=3"]
+    # SSDLite at 128 px: 48 steps an epoch of about 3 s on 2 cores, so 2 s after the first last.ckpt the run is
+    # in the middle of its second epoch
+    common = [*SMALL_MODEL, *TINY, "data.source.sizes={train: 96, val: 2, test: 2}", "trainer.max_epochs=3"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.Popen([sys.executable, "train.py", run_dir(tmp_path, "killed"), *common], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -382,7 +384,7 @@ def test_hard_kill_mid_epoch_loses_no_completed_epoch(tmp_path):
 
     out = run("train.py", run_dir(tmp_path, "resumed"), f"ckpt_path={last}", *common)
     final = torch.load(last, map_location="cpu", weights_only=True)  # the run went on in its own folder
-    assert final["epoch"] == 2 and final["global_step"] == 3 * 4
+    assert final["epoch"] == 2 and final["global_step"] == 3 * 48
     # one metrics.csv for the whole run: every epoch validated exactly once, steps never go back
     rows = read_metrics(tmp_path / "killed")
     assert sorted(int(r["epoch"]) for r in rows if r["val/map_50"]) == [0, 1, 2], out[-3000:]
