@@ -18,6 +18,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from detectors.evaluation.plots import save_figure
+
 __all__ = ["plot_box_centres", "plot_box_shapes", "plot_boxes_per_image", "plot_class_counts", "write_views"]
 
 
@@ -25,14 +27,6 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)  # attaches the Agg canvas: no pyplot, no global figure state
     return fig
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def plot_class_counts(labels: Tensor, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -53,7 +47,7 @@ def plot_class_counts(labels: Tensor, class_names: Sequence[str], path: str | Pa
     ax.set_xlabel("boxes")
     ax.set_title(title or f"boxes per class ({int(counts.sum())} boxes)")
     ax.grid(True, axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_box_shapes(boxes: Tensor, input_size: Sequence[int], path: str | Path,
@@ -93,7 +87,7 @@ def plot_box_shapes(boxes: Tensor, input_size: Sequence[int], path: str | Path,
     for ax in (ax_w, ax_h, ax_a):
         ax.grid(True, alpha=0.3)
     fig.suptitle(title or f"{len(wh)} boxes at the network input")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_box_centres(boxes: Tensor, input_size: Sequence[int], path: str | Path, title: str = "",
@@ -112,7 +106,7 @@ def plot_box_centres(boxes: Tensor, input_size: Sequence[int], path: str | Path,
     ax.set_xlabel("x (px)")
     ax.set_ylabel("y (px)")
     ax.set_title(title or f"box centres over the {width}x{height} input ({len(centres)} boxes)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_boxes_per_image(per_image: Sequence[int], path: str | Path, title: str = "") -> Path:
@@ -127,7 +121,7 @@ def plot_boxes_per_image(per_image: Sequence[int], path: str | Path, title: str 
     mean = float(counts.mean()) if len(counts) else 0.0
     ax.set_title(title or f"boxes per image: {len(counts)} images, mean {mean:.1f}, max {top}")
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_views(out_dir: str | Path, boxes: Tensor, labels: Tensor, image_index: Tensor, num_images: int,

@@ -28,6 +28,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from detectors.evaluation.plots import save_figure
 from detectors.evaluation.scored_detections import Matches, match_groups
 
 __all__ = ["BACKGROUND", "confusion_matrix", "plot_confusion_matrix", "row_normalized", "write_confusion_csv"]
@@ -125,8 +126,4 @@ def plot_confusion_matrix(matrix: Tensor, class_names: Sequence[str], path: str 
     subtitle = textwrap.fill(subtitle, width=int(12 * side)) if subtitle else ""  # fits the figure's width
     ax.set_title(f"confusion matrix at IoU 0.5 ({kind})" + (f"\n{subtitle}" if subtitle else ""),
                  fontsize=10 + side / 4)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from detectors.evaluation.plots import draw_sample, label_font
+from detectors.evaluation.plots import draw_sample, label_font, save_figure
 from detectors.evaluation.scored_detections import Matches, rank_in_groups
 
 __all__ = ["per_image_ap", "plot_ranked_images", "ranked_images", "write_per_image_csv"]
@@ -134,8 +134,4 @@ def plot_ranked_images(indices: Sequence[int], s: dict[str, Tensor], ap: Tensor,
         ax.set_title(caption, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -49,6 +49,15 @@ _FILLED_LABELS = {"fill_labels": True, "label_colors": "white"} if "fill_labels"
     draw_bounding_boxes).parameters else {}
 
 
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay ``fig`` out and write it to ``path`` (its folder made): the end of every picture this project draws."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
 def safe_filename(name: str) -> str:
     """A class name as a file-name part: letters, digits, '.', '_' and '-' only."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
@@ -95,11 +104,7 @@ def plot_pr_curve(
     ax.set_xlim(0, 1.0)
     ax.set_ylim(0, 1.05)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pr_curves(curves: Sequence[Mapping], class_names: Sequence[str], out_dir: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from detectors.evaluation.plots import class_colors
+from detectors.evaluation.plots import class_colors, save_figure
 from detectors.evaluation.scored_detections import Matches
 
 __all__ = ["ALL_CLASSES", "best_f1", "best_f1_table", "curves_on_grid", "format_best_f1", "plot_threshold_curves",
@@ -197,8 +197,4 @@ def plot_threshold_curves(curves: dict[str, Tensor], grid: Tensor, class_names: 
     if many:
         axes[0].text(0.02, 0.02, f"grey: each of the {len(class_names)} classes", transform=axes[0].transAxes,
                      fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from detectors.evaluation.plots import save_figure
 from detectors.evaluation.tide import ERROR_TYPES, TideBreakdown, tide_errors
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,7 @@ def plot_breakdown(result: TideBreakdown, path: str | Path) -> Path:
             grid.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7 if rows <= 30 else 5,
                       color="white" if v > 0.6 * limit else "black")
     grid.set_xlabel("dAP@0.5 of each class (its AP after the fix minus its AP)", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_error_breakdown(ground_truth: Mapping, detections: Sequence[Mapping], out_dir: str | Path,

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, open_dict
 
-from detectors.evaluation.plots import pr_envelope
+from detectors.evaluation.plots import pr_envelope, save_figure
 from detectors.evaluation.voc import VOCMeanAP
 
 __all__ = ["RunCurves", "curves_from_files", "evaluate_run", "evaluation_split", "plot_pr_grid", "plot_val_curves"]
@@ -136,10 +136,7 @@ def plot_val_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Pat
     ax.set_ylim(0, 1.0)
     ax.grid(True, alpha=0.3)
     ax.set_title("validation mAP@0.5 (COCO AP at IoU 0.5)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pr_grid(runs: Mapping[str, RunCurves], path: Path, columns: int = 3) -> Path:
@@ -170,7 +167,4 @@ def plot_pr_grid(runs: Mapping[str, RunCurves], path: Path, columns: int = 3) ->
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower left", fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
