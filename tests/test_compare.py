@@ -366,3 +366,16 @@ def test_evaluation_split_is_test_where_the_data_has_one():
     assert evaluation_split(OmegaConf.create({"data": {"splits": {"train": "a", "val": "b"}}})) == "val"
     assert evaluation_split(OmegaConf.create({"data": {"source": {"sizes": {"train": 2, "val": 2}}}})) == "val"
     assert evaluation_split(OmegaConf.create({"data": {"source": {"sizes": {"train": 2, "test": 2}}}})) == "test"
+
+
+@pytest.mark.slow
+def test_train_with_test_writes_evaluates_files_of_the_test_split(runs):
+    """train.py test=true leaves evaluate.py's files of the test split in RUN/test/ (where the trackers find its
+    pictures): the confusion matrix's ground-truth rows hold every scored ground truth of the written GT file."""
+    folder = runs / "yolov2" / "test"
+    for name in ("confusion_matrix.png", "threshold_curves.png", "error_breakdown.csv", "samples.png"):
+        assert (folder / name).is_file(), name
+    truth = json.loads((folder / "coco_ground_truth.json").read_text())
+    scored = sum(1 for a in truth["annotations"] if not a.get("iscrowd") and not a.get("ignore"))
+    rows = [r for r in csv_rows(folder / "confusion_matrix.csv") if r[next(iter(r))] != "background"]
+    assert scored > 0 and sum(int(float(v)) for r in rows for k, v in list(r.items())[1:]) == scored

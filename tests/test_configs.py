@@ -67,7 +67,8 @@ def needs_bccd(group, option):
 
 def compose_train(overrides, tmp_path, root=None):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}/logs", *overrides],
+                      return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         if "root" in cfg.data.keys():  # keys() lists it while still ??? (mandatory)

@@ -266,6 +266,11 @@ def test_coco_names_become_cocos_categories():
     assert run.data.classes[3] == "motorcycle" and run.data.classes[62] == "tv" and len(run.data.classes) == 80
     assert list(run.input_size) == [416, 416] and run.head.anchors[-1] == [373, 326]
     assert run.data.classes[9] == "traffic light"
+    # predictions.json's ids without the annotation files: each name's index in torchvision's 91-slot COCO list
+    from torchvision.models.detection import SSD300_VGG16_Weights
+
+    slots = SSD300_VGG16_Weights.COCO_V1.meta["categories"]
+    assert list(run.category_ids) == [slots.index(name) for name in run.data.classes]
 
 
 def test_weights_of_another_float_count_are_refused_with_both_counts(tmp_path):

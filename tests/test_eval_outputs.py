@@ -320,3 +320,25 @@ def test_evaluate_py_writes_its_files_into_the_run_folder(tmp_path, shapes_run):
     assert [row[0] for row in table.values()] == module.last_metrics["num_gt_per_class"].tolist()
     reference = pycocotools_stats_of(run)
     assert reference == pytest.approx({k: here[k] for k in STATS}, abs=1e-6)  # untrained: 0 (the GT counts are not)
+
+
+def test_evaluate_on_another_format_takes_its_source_whole():
+    """evaluate.py data=...: a COCO run evaluated on shapes gets shapes' source without COCO's keys (root, splits:
+    ShapesSource would refuse them); a VOC run given another root reads that root; the labels stay the model's
+    classes either way."""
+    import hydra
+
+    from detectors.tasks.evaluate import with_data
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        coco_run = compose("train", overrides=["data=coco", "data.root=/coco", "data.classes=[a,b]"])
+        shapes = compose("evaluate", overrides=["ckpt_path=x", "data=shapes"]).data
+        voc_run = compose("train", overrides=["data=voc", "data.root=/voc", "data.classes=[a,b]"])
+        voc = compose("evaluate", overrides=["ckpt_path=x", "data=voc", "data.root=/other"]).data
+    run = with_data(coco_run, shapes)
+    assert run.data.source._target_ == shapes.source._target_ and "root" not in run.data.source
+    assert list(run.data.classes) == ["a", "b"] and coco_run.data.source.root == "/coco"  # the run's own untouched
+    source = hydra.utils.instantiate(OmegaConf.merge(run.data.source, {"sizes": {"train": 1, "val": 1, "test": 1}}))
+    assert type(source).__name__ == "ShapesSource"
+    run = with_data(voc_run, voc)
+    assert run.data.source.root == "/other" and list(run.data.classes) == ["a", "b"]

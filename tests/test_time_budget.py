@@ -287,7 +287,8 @@ def test_ddp_ranks_agree_on_rank_zeros_plan(tmp_path):
 def test_a_real_short_run_ends_within_its_budget_at_the_schedules_end(tmp_path):
     """train.py with time_budget=20s on shapes (SSDLite at 128 px, the budget alone: max_epochs=-1): it plans,
     validates every epoch, ends with its last validation within the budget (a tenth over at most: the last
-    steps' pace), having used most of it, and its last epoch ends at the schedule's floor."""
+    steps' pace), having used most of it, and its last epoch ends at the schedule's floor (or a step or two
+    short of it)."""
     import re
 
     from omegaconf import OmegaConf
@@ -303,4 +304,7 @@ def test_a_real_short_run_ends_within_its_budget_at_the_schedules_end(tmp_path):
     assert 0.75 * 20 <= int(used.group(1)) <= 1.1 * 20
     config = OmegaConf.load(tmp_path / "budget" / ".hydra" / "config.yaml")
     last_lr = float(re.findall(r"epoch \d+ step \d+: .*? lr ([0-9.e-]+),", out)[-1])
-    assert last_lr == pytest.approx(config.optimizer.lr * config.scheduler.min_lr_ratio, rel=0.01)
+    floor = config.optimizer.lr * config.scheduler.min_lr_ratio
+    # at the floor, or a step or two short of it: where the pace slows in the last steps, the plan shrinks to the
+    # current step and the run stops there (a schedule stopped half way would be about half the range above it)
+    assert floor * 0.99 <= last_lr <= floor + 0.03 * (config.optimizer.lr - floor), (last_lr, floor)

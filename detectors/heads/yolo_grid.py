@@ -52,20 +52,47 @@ class YOLOGridHead(nn.Module):
         num_levels: the grids the anchors are grouped for.
         strides: the grids' strides; the coarsest is the head's ``size_divisor`` (32 when not given).
         default_cls: the class loss when ``loss.cls`` is not set.
+        default_anchors: with ``anchors="auto"``, the anchors to start from: before the first training step
+            ``detectors.callbacks.auto_anchors.AutoAnchors`` measures their fit to the training boxes and, when
+            it is low, replaces them with k-means anchors that fit better (``detectors.anchors.auto``); the
+            chosen anchors are then a buffer of the state dict (``chosen_anchors``).
+        auto_anchors: {threshold, iou} of that refit: k-means is tried when fewer than ``threshold`` (0.98) of
+            the boxes have a best-anchor shape IoU >= ``iou`` (0.5).
     """
 
     def __init__(self, name: str, num_classes: int, anchors: Sequence[Sequence[float]], input_size: Sequence[int],
                  num_levels: int, *, ignore_threshold: float, coord_scale: float, object_scale: float,
                  noobject_scale: float, class_scale: float, losses: Mapping[str, Any] | None, default_cls: str,
                  score_threshold: float, nms_threshold: float, max_detections: int, pre_nms_top_k: int,
-                 strides: Sequence[int] = ()):
+                 strides: Sequence[int] = (), default_anchors: Sequence[Sequence[float]] | None = None,
+                 auto_anchors: Mapping[str, float] | None = None):
         super().__init__()
         # the grid must tile the input, as darknet's cfgs require: sides in multiples of the coarsest stride
         # (Detector combines this with the backbone's and the neck's rules; DetectionModule checks sizes)
         self.size_divisor = int(max(strides, default=32))
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        # anchors=auto: start from default_anchors; AutoAnchors (detectors.callbacks.auto_anchors) refits them to
+        # the training boxes before the first step (``set_anchors``). Only then are they a persistent buffer:
+        # the run config of such a checkpoint says auto, so predict, export and a resume rebuild the head with
+        # the defaults and take the chosen anchors from the state dict; a head of listed anchors keeps a state
+        # dict without them, as its checkpoints always had (init_from then never overrides listed anchors).
+        self.auto_anchors = None
+        if isinstance(anchors, str):
+            if anchors != "auto":
+                raise ValueError(f"head.anchors must be a list of [w, h] pairs or 'auto', got {anchors!r}")
+            if default_anchors is None:
+                raise ValueError("head.anchors=auto starts from head.default_anchors, which is not set")
+            self.auto_anchors = {"threshold": 0.98, "iou": 0.5, **dict(auto_anchors or {})}
+            if set(self.auto_anchors) != {"threshold", "iou"} or not all(
+                    0 < float(v) <= 1 for v in self.auto_anchors.values()):
+                raise ValueError(f"head.auto_anchors takes threshold and iou in (0, 1], got {dict(auto_anchors)}")
+            anchors = default_anchors
         self.yolo_anchors = YOLOAnchors(anchors, input_size, num_levels=num_levels)
+        # True until AutoAnchors (or a checkpoint) has set the anchors of an anchors=auto head
+        self.anchors_pending = self.auto_anchors is not None
+        if self.auto_anchors is not None:
+            self.register_buffer("chosen_anchors", self.yolo_anchors.anchors.clone())
         self.num_classes = num_classes
         self.ignore_threshold = ignore_threshold
         self.coord_scale, self.object_scale = coord_scale, object_scale
@@ -80,6 +107,22 @@ class YOLOGridHead(nn.Module):
     def anchors(self) -> Tensor:
         """(K, 2) the anchors in pixels of an input of ``input_size``, grouped by level."""
         return self.yolo_anchors.anchors
+
+    def set_anchors(self, anchors: Tensor | Sequence[Sequence[float]]) -> None:
+        """Replace the (K, 2) anchors (pixels of an input of ``input_size``, grouped by level as before: the
+        same count); an anchors=auto head keeps them in its state dict."""
+        anchors = torch.as_tensor(anchors, dtype=torch.float32).detach().cpu()
+        if anchors.shape != self.anchors.shape:
+            raise ValueError(f"{len(self.anchors)} anchors expected, got shape {tuple(anchors.shape)}")
+        self.yolo_anchors = YOLOAnchors(anchors.tolist(), self.input_size, num_levels=self.yolo_anchors.num_levels)
+        if self.auto_anchors is not None:
+            self.chosen_anchors.copy_(anchors)
+        self.anchors_pending = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.auto_anchors is not None and prefix + "chosen_anchors" in state_dict:
+            self.set_anchors(self.chosen_anchors)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -135,6 +178,9 @@ class YOLOGridHead(nn.Module):
                         image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, GridTargets]:
         """-> out (B, N, 5 + C) float32, every slot in the grid's order; offsets (B, N, 2) the sigmoids of
         t_x, t_y; pred_boxes (B, N, 4) decoded; and every slot's targets."""
+        if self.training and self.anchors_pending:  # a Python flag: no host sync
+            raise RuntimeError("head.anchors=auto: the anchors were not fitted before training; train.py fits them "
+                               "with the auto_anchors callback (configs/callbacks/default.yaml), which is off here")
         out = raw.output.float().flatten(1, -2)
         offsets, pred_boxes = self._decode_slots(out, self.grid(raw, image_size))
         with stage("assign"):

@@ -43,6 +43,8 @@ class YOLOv2Head(YOLOGridHead):
         anchors: (A, 2) anchor widths and heights in pixels of an input of ``input_size``; at another
             input size they scale with the image, as darknet's anchors in grid cells do (multi-scale).
         input_size: (H, W) the anchors are given for.
+        default_anchors, auto_anchors: ``anchors="auto"``'s starting anchors and refit settings
+            (``YOLOGridHead``).
         coord_scale, object_scale, noobject_scale, class_scale: darknet's region-layer scales (1, 5, 1, 1).
         ignore_threshold: a non-responsible prediction whose box overlaps a ground truth by more than
             this gets no no-object loss (darknet's ``thresh``, 0.6).
@@ -84,6 +86,8 @@ class YOLOv2Head(YOLOGridHead):
         max_detections: int = 100,
         pre_nms_top_k: int = 300,
         strides: Sequence[int] = (),
+        default_anchors: Sequence[Sequence[float]] = VOC_ANCHORS_416,
+        auto_anchors: Mapping[str, float] | None = None,
     ):
         if len(in_channels) != 1:
             raise ValueError(f"the YOLOv2 head predicts on one map, the neck gives {len(in_channels)}")
@@ -91,7 +95,7 @@ class YOLOv2Head(YOLOGridHead):
                          coord_scale=coord_scale, object_scale=object_scale, noobject_scale=noobject_scale,
                          class_scale=class_scale, losses=losses, default_cls="ce", score_threshold=score_threshold,
                          nms_threshold=nms_threshold, max_detections=max_detections, pre_nms_top_k=pre_nms_top_k,
-                         strides=strides)
+                         strides=strides, default_anchors=default_anchors, auto_anchors=auto_anchors)
         self.prior_warmup_images, self.prior_scale = prior_warmup_images, prior_scale
         self.predictor = nn.Conv2d(in_channels[0], self.num_anchors * (5 + num_classes), 1)
         self.init_predictor(self.predictor)

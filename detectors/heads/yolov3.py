@@ -39,6 +39,8 @@ class YOLOv3Head(YOLOGridHead):
             order, the first group on the finest level (``detectors.anchors.YOLOAnchors``); they scale with
             the image at other input sizes.
         input_size: (H, W) the anchors are given for.
+        default_anchors, auto_anchors: ``anchors="auto"``'s starting anchors and refit settings
+            (``YOLOGridHead``).
         ignore_threshold: a non-responsible prediction whose box overlaps a ground truth by more than
             this gets no objectness loss (the paper's 0.5; darknet's yolov3.cfg has ``ignore_thresh = .7``).
         coord_scale, object_scale, noobject_scale, class_scale: weights of the four terms (darknet: all 1).
@@ -83,13 +85,15 @@ class YOLOv3Head(YOLOGridHead):
         max_detections: int = 100,
         pre_nms_top_k: int = 300,
         strides: Sequence[int] = (),
+        default_anchors: Sequence[Sequence[float]] = COCO_ANCHORS_416,
+        auto_anchors: Mapping[str, float] | None = None,
     ):
         super().__init__("YOLOv3", num_classes, anchors, input_size, len(in_channels),
                          ignore_threshold=ignore_threshold, coord_scale=coord_scale, object_scale=object_scale,
                          noobject_scale=noobject_scale, class_scale=class_scale, losses=losses, default_cls="bce",
                          score_threshold=score_threshold, nms_threshold=nms_threshold,
                          max_detections=max_detections, pre_nms_top_k=pre_nms_top_k,
-                         strides=strides)
+                         strides=strides, default_anchors=default_anchors, auto_anchors=auto_anchors)
         self.xy_bce = xy_bce
         self.predictors = nn.ModuleList(nn.Conv2d(c, self.num_anchors * (5 + num_classes), 1) for c in in_channels)
         for predictor in self.predictors:

@@ -70,8 +70,11 @@ def anchors_yaml(anchors: Sequence[Sequence[float]]) -> str:
 
 
 def config_anchors(cfg) -> list[list[float]] | None:
-    """The config's ``head.anchors`` as a list of [w, h], or None when the head has none."""
+    """The config's ``head.anchors`` as a list of [w, h], or None when the head has none; for ``anchors: auto``
+    the ``head.default_anchors`` that training starts from."""
     node = OmegaConf.select(cfg, "head.anchors", default=None)
+    if node == "auto":
+        node = OmegaConf.select(cfg, "head.default_anchors", default=None)
     if node is None:
         return None
     anchors = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

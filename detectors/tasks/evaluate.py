@@ -64,6 +64,22 @@ def build_writer(cfg: DictConfig, datamodule: L.LightningDataModule, num_classes
     )
 
 
+def with_data(run: DictConfig, data: DictConfig) -> DictConfig:
+    """The run config with the user's data config in place of its own, resolved against the run's input size
+    and seed; the labels follow the model's classes. Another format's source replaces the run's whole (none of
+    its keys, e.g. a COCO run's ``root``, apply to shapes or VOC); the same format's is merged into it."""
+    class_names = list(run.data.classes)
+    data = OmegaConf.to_container(data)
+    run = run.copy()
+    if (data.get("source") or {}).get("_target_") != (run.data.get("source") or {}).get("_target_"):
+        with open_dict(run):
+            run.data.source = None
+    run = OmegaConf.merge(run, {"data": data})
+    with open_dict(run):
+        run.data.classes = class_names
+    return run
+
+
 def run_evaluation(cfg: DictConfig, verbose: bool = True) -> tuple[dict, EvaluationWriter]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data or of ``cfg.data`` and write
     ``cfg.output``'s files into ``cfg.paths.output_dir``; returns the metrics (``DetectionModule.last_metrics``)
@@ -75,10 +91,7 @@ def run_evaluation(cfg: DictConfig, verbose: bool = True) -> tuple[dict, Evaluat
     ckpt, run = load_checkpoint(cfg.ckpt_path)
     class_names = list(run.data.classes)
     if cfg.get("data") is not None:
-        # the user's data config, resolved against the run's input size and seed; labels follow the model's classes
-        run = OmegaConf.merge(run, {"data": OmegaConf.to_container(cfg.data)})
-        with open_dict(run):
-            run.data.classes = class_names
+        run = with_data(run, cfg.data)
     with open_dict(run):
         run.data.batch_size = run.data.eval_batch_size = cfg.batch_size
         run.data.num_workers = cfg.num_workers

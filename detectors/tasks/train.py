@@ -11,14 +11,17 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detectors.callbacks.time_budget import BudgetTooShort, TimeBudget
+from detectors.callbacks.tracker_pictures import tracker_callbacks
 from detectors.checkpoints import check_fits, check_optimizer_fits, find_resumable_checkpoint, load_checkpoint
 from detectors.evaluation.report import format_report
 from detectors.init_from import check_init_from, init_from_checkpoint, keep_init_from_of
 from detectors.noise import silence_known_noise
+from detectors.trackers import TrackerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,12 @@ def instantiate_loggers(section: DictConfig | None, purge_step: int | None) -> l
     for c in section.values():
         if isinstance(c, DictConfig) and "_target_" in c:
             purging = purge_step is not None and c._target_ in PURGING_LOGGERS
-            loggers.append(hydra.utils.instantiate(c, **({"purge_step": purge_step} if purging else {})))
+            try:
+                loggers.append(hydra.utils.instantiate(c, **({"purge_step": purge_step} if purging else {})))
+            except InstantiationException as e:  # a tracker's package missing: its one line, not Hydra's wrapper
+                if isinstance(e.__cause__, TrackerUnavailable):
+                    raise e.__cause__ from None
+                raise
     return loggers
 
 
@@ -145,7 +153,7 @@ def run_trial(cfg: DictConfig) -> float | None:
     if not multirun:
         try:
             return train(cfg)
-        except BudgetTooShort as e:  # one line saying the minimum, not a traceback
+        except (BudgetTooShort, TrackerUnavailable) as e:  # one line (the minimum; the extra to install)
             log.error("%s", e)
             raise SystemExit(2) from None
     try:
@@ -157,6 +165,17 @@ def run_trial(cfg: DictConfig) -> float | None:
         log.warning("trial gave no finite %s: recorded as failed", cfg.get("optimized_metric"))
         return float("nan")
     return metric
+
+
+def test_writer(cfg: DictConfig, datamodule: L.LightningDataModule, model: L.LightningModule, best: str) -> L.Callback:
+    """The callback that writes evaluate.py's files of the test split (results, PR curves, confusion matrix,
+    threshold curves, error breakdown, ranked images) into the run folder's ``test/``, where the trackers find
+    them; the operating threshold is the best checkpoint's best-F1 threshold, as evaluate.py's."""
+    from detectors.tasks.evaluate import build_writer
+
+    checkpoint = load_checkpoint(best)[0] if best else None
+    where = OmegaConf.create({"split": "test", "paths": {"output_dir": str(Path(cfg.paths.output_dir) / "test")}})
+    return build_writer(where, datamodule, len(model.class_names), checkpoint)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -186,8 +205,10 @@ def train(cfg: DictConfig) -> float | None:
         init_from_checkpoint(model, cfg.init_from)
     # resuming, what the interrupted run logged after its checkpoint's step is dropped from the logs
     loggers = instantiate_loggers(cfg.get("logger"), None if resume_step is None else resume_step + 1)
+    # MLflow, W&B, TensorBoard get the config and the pictures the run writes (detectors/callbacks/tracker_pictures.py)
+    trackers = tracker_callbacks(loggers, cfg.paths.output_dir, OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")) + ([budget] if budget else []),
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")) + ([budget] if budget else []) + trackers,
         logger=loggers or False
     )
     log.info("run folder: %s", cfg.paths.output_dir)
@@ -202,6 +223,8 @@ def train(cfg: DictConfig) -> float | None:
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric", ""))
     if cfg.get("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.callbacks.append(test_writer(cfg, datamodule, model, best))
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         print(format_report(model.last_metrics, model.class_names, title=f"test ({best or 'last weights'})"))
+        log.info("the test split's evaluation files (as evaluate.py's): %s", Path(cfg.paths.output_dir) / "test")
     return float(metric) if isinstance(metric, torch.Tensor) else None

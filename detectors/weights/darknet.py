@@ -26,7 +26,7 @@ from torch import nn
 from detectors.weights import ImportError_, build_imported_model, compose_run_config, write_checkpoint
 from detectors.weights.darknet_cfg import describe, float_count, parse_cfg
 from detectors.weights.darknet_layout import check_float_count, check_layout, expected_layers, load_weights_file
-from detectors.weights.darknet_names import data_for_names
+from detectors.weights.darknet_names import COCO_CATEGORY_IDS, data_for_names
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,10 @@ def run_config_for(cfg_path: str | Path, names: list[str] | None,
     ]
     if spec.model == "yolov2":
         overrides.append("neck.reorg=darknet")
-    return compose_run_config(overrides), spec.model
+    run = compose_run_config(overrides)
+    if data == "coco":  # predict.py writes COCO's ids without the annotation files (evaluate.py reads them there)
+        run.category_ids = list(COCO_CATEGORY_IDS)
+    return run, spec.model
 
 
 def load_darknet_model(cfg_path: str | Path, weights_path: str | Path, names: list[str] | None = None,
