@@ -115,3 +115,16 @@ def test_bad_anchors_value_is_one_clear_error():
         head(anchors="kmeans")
     with pytest.raises(ValueError, match="head.auto_anchors takes threshold and iou"):
         YOLOv3Head([4, 4], 2, anchors="auto", default_anchors=((8.0, 8.0), (32.0, 32.0)), auto_anchors={"thresh": 0.9})
+
+
+def test_an_auto_head_without_a_datamodule_is_refused_in_words_and_priors_are_not_reported():
+    """fit() given plain loaders (no DetectionDataModule): an auto head cannot be fitted (one clear error), and
+    the priors' fit report of other heads is skipped rather than failing."""
+    from types import SimpleNamespace
+
+    from detectors.callbacks.auto_anchors import AutoAnchors
+
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(RuntimeError, match="head.anchors=auto fits the anchors"):
+        AutoAnchors()._box_sizes(trainer, (64, 64))
+    assert AutoAnchors()._training_boxes(trainer, (64, 64), allow_generated=False) is None

@@ -85,6 +85,19 @@ def test_check_writes_the_pictures_and_the_fit_of_the_heads_own_priors(tmp_path,
     assert detector_fit(detector, boxes, (128, 128)).share == pytest.approx(float(rows[0]["share_best_iou_ge_0.5"]))
 
 
+def test_check_of_an_auto_anchors_head_says_training_refits_them(tmp_path, capsys):
+    """head.anchors=auto: the check measures the default anchors and says training refits them, instead of
+    asking for a k-means run."""
+    from detectors.data.check import main
+
+    overrides = ["model=yolov3_tiny", "input_size=[128,128]", "head.anchors=auto",
+                 "data.source.sizes={train: 6, val: 2, test: 2}"]
+    assert main([*overrides, "--out", str(tmp_path / "check"), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "anchor fit of YOLOv3Head" in printed and "head.anchors=auto: training refits" in printed
+    assert "python -m detectors.anchors kmeans" not in printed
+
+
 def test_drawn_boxes_lie_where_the_batch_boxes_are():
     images = torch.zeros(2, 3, 64, 80, dtype=torch.uint8)
     boxes = torch.tensor([[[10.0, 12.0, 50.0, 40.0], [0, 0, 0, 0]], [[30.0, 20.0, 70.0, 60.0], [0, 0, 0, 0]]])

@@ -78,6 +78,8 @@ class AutoAnchors(L.Callback):
 
     def _training_boxes(self, trainer: L.Trainer, input_size, allow_generated: bool = True):
         datamodule = trainer.datamodule
+        if getattr(datamodule, "source", None) is None:  # fit() given plain loaders (benchmarks): no boxes to read
+            return None
         records, generated = training_records(datamodule.source)
         if generated and not allow_generated:
             return None
@@ -87,6 +89,9 @@ class AutoAnchors(L.Callback):
     def _box_sizes(self, trainer: L.Trainer, input_size):
         """(N, 2) the training boxes' widths and heights in pixels of an input of ``input_size``."""
         boxes = self._training_boxes(trainer, input_size)
+        if boxes is None:
+            raise RuntimeError("head.anchors=auto fits the anchors to the training boxes of the run's datamodule "
+                               "(DetectionDataModule), and this fit has none: list the anchors instead")
         return boxes[:, 2:] - boxes[:, :2]
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

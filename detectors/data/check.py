@@ -241,7 +241,11 @@ def view_training_boxes(cfg: DictConfig, datamodule, out_dir: Path, overrides: S
         for name, f in [("all", overall), *zip(classes, per_class)]:
             writer.writerow([name, f.num_boxes, f"{f.share:.6f}", f"{f.mean_iou:.6f}", head, kind, len(anchors),
                              height, width])
-    if overall.num_boxes and overall.share < LOW_FIT_SHARE:
+    if getattr(detector.head, "auto_anchors", None) is not None:  # head.anchors=auto: the fit above is the defaults'
+        lines.append(f"head.anchors=auto: training refits these default anchors by k-means when under "
+                     f"{detector.head.auto_anchors['threshold']:.0%} of the boxes reach IoU "
+                     f"{detector.head.auto_anchors['iou']:g}, and keeps the better fit (its log says which)")
+    elif overall.num_boxes and overall.share < LOW_FIT_SHARE:
         data_args = " ".join(shlex.quote(o) for o in overrides if not o.startswith("head.anchors")) or "data=..."
         k = len(anchors) if kind == SHAPE else 9
         command = f"python -m detectors.anchors kmeans {data_args} k={k}"
