@@ -11,7 +11,8 @@ image at a time:
 
 * ours: the checkpoint's network (``python -m detectors.weights darknet``'s model: DarkNet + neck + head, darknet's
   batch norm) and ``head.predict`` (decode, threshold, batched NMS), float32, ``torch.inference_mode``; once with
-  the weights contiguous, once in channels_last (the images stay contiguous, as predict.py's loader gives them).
+  the weights contiguous, once in channels_last (the images stay contiguous, as predict.py's loader gives them),
+  once in channels_last with the batch norms folded into the convolutions (predict.py's default).
 * OpenCV: ``cv2.dnn.readNetFromDarknet`` on the cfg and weights, ``net.forward`` of the yolo layers (decoded boxes
   and scores), then per class ``cv2.dnn.NMSBoxes`` (random weights put ~90k class scores above 0.25 at 416: one
   NMS over all of them, ``NMSBoxesBatched``, takes minutes).
@@ -78,6 +79,7 @@ def main() -> None:
 
     import cv2
 
+    from detectors.fold_batch_norm import fold_batch_norms
     from detectors.weights.darknet import load_darknet_model
     from test_darknet_import import small_cfg, write_random_weights
 
@@ -119,6 +121,8 @@ def main() -> None:
             row = {"cfg": name, "size": args.size, "ours_img_s": time_per_image(ours, blobs, args.iters)}
             model.to(memory_format=torch.channels_last)  # oneDNN's preferred layout on the CPU
             row["ours_channels_last_img_s"] = time_per_image(ours, blobs, args.iters)
+            fold_batch_norms(model.eval())  # as predict.py runs it (fold_batch_norm=true)
+            row["ours_folded_channels_last_img_s"] = time_per_image(ours, blobs, args.iters)
             row |= {"opencv_img_s": time_per_image(opencv, blobs, args.iters), "threads": args.threads,
                    "torch": torch.__version__, "opencv": cv2.__version__}
             rows.append(row)

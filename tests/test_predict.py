@@ -334,7 +334,10 @@ def test_predictions_equal_evaluations_on_the_same_files(checkpoints, tmp_path, 
     folder.mkdir()
     for i in first:
         (folder / Path(dataset.records[i].file).name).symlink_to(dataset.records[i].file)
-    predict(predict_cfg(checkpoints["letterbox"], folder, tmp_path / "out", "score_threshold=0.0"))
+    # the network as evaluation runs it: folded batch norms move scores by float rounding, which can reorder
+    # near-ties in NMS (tests/test_fold_batch_norm.py checks the fold itself)
+    predict(predict_cfg(checkpoints["letterbox"], folder, tmp_path / "out", "score_threshold=0.0",
+                        "fold_batch_norm=false"))
     data = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [i["file_name"] for i in data["images"]] == [Path(dataset.records[i].file).name for i in first]
     for image, pred in zip(data["images"], preds):
