@@ -322,28 +322,21 @@ def test_fit_stores_the_threshold_evaluate_and_predict_use_it(tmp_path, monkeypa
     evaluation's confusion matrix is drawn at it (GT rows = the GT file's boxes per class), and predict.py
     score_threshold=auto keeps the boxes above it."""
     import json
-    from pathlib import Path
 
-    import hydra
     import lightning as L
     from hydra import compose, initialize_config_dir
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from omegaconf import OmegaConf, open_dict
 
     from detectors.module import DetectionModule
     from detectors.tasks.evaluate import run_evaluation
     from detectors.tasks.predict import predict
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    from test_eval_outputs import CONFIGS, build_run
+
     tiny = ["data.source.sizes={train: 2, val: 3, test: 3}", "data.batch_size=2", "data.eval_batch_size=2",
             "data.num_workers=0", "trainer.accelerator=cpu", "model=ssdlite", "backbone.width_mult=0.25",
             "input_size=[128,128]", "multiscale.sizes=null"]
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}", *tiny])
-    datamodule = hydra.utils.instantiate(cfg.data)
-    with open_dict(cfg):
-        cfg.data.classes = list(datamodule.classes)
-    module = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
+    cfg, datamodule, module = build_run(tmp_path / "run", tiny)
     original = DetectionModule.predict_original_frame
 
     def noisy_truth(self, batch):
@@ -367,7 +360,7 @@ def test_fit_stores_the_threshold_evaluate_and_predict_use_it(tmp_path, monkeypa
     assert stored == callback.value and 0 < stored["threshold"] < 1 and stored["f1"] > 0.5
     assert (stored["epoch"], stored["step"]) == (0, 1)
 
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         eval_cfg = compose("evaluate", overrides=[f"ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}", "split=val",
                                                   "num_workers=0", "batch_size=2", "trainer.accelerator=cpu",
                                                   f"paths.output_dir={tmp_path / 'eval'}", "output.num_sample_images=0",
@@ -388,7 +381,7 @@ def test_fit_stores_the_threshold_evaluate_and_predict_use_it(tmp_path, monkeypa
     from torchvision.io import write_png
 
     write_png(torch.full((3, 64, 80), 90, dtype=torch.uint8), str(image))
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         predict_cfg = compose("predict", overrides=[f"ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}", f"input={image}",
                                                     f"paths.output_dir={tmp_path / 'predict'}", "num_workers=0",
                                                     "device=cpu", "score_threshold=auto", "output.images=false"])

@@ -198,19 +198,24 @@ TINY = ["data.source.sizes={train: 2, val: 2, test: 3}", "data.batch_size=2", "d
         "data.num_workers=0", "trainer.accelerator=cpu"]
 
 
-@pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    """(config, datamodule, DetectionModule) of a tiny shapes run, built once for this file's tests;
-    the config is resolved as train.py stores it in checkpoints."""
+def build_run(output_dir, overrides):
+    """(config, datamodule, DetectionModule) of train.py's config with ``overrides``, its classes from the data,
+    the config resolved as train.py stores it in checkpoints."""
     import hydra
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path_factory.mktemp('run')}", *TINY])
+        cfg = compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
     datamodule = hydra.utils.instantiate(cfg.data)
     with open_dict(cfg):
         cfg.data.classes = list(datamodule.classes)
     module = hydra.utils.instantiate(cfg.model, run_config=OmegaConf.to_yaml(cfg, resolve=True))
     return cfg, datamodule, module
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A tiny shapes run (``build_run``), built once for this file's tests."""
+    return build_run(tmp_path_factory.mktemp("run"), TINY)
 
 
 def quiet_trainer(**kwargs):
