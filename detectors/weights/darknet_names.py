@@ -19,9 +19,6 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )
-# their category ids in COCO's annotation files (1..90 with gaps): what predictions.json carries without the data
-COCO_CATEGORY_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
-                     *range(84, 91))
 # darknet's coco.names spelling -> COCO's
 DARKNET_TO_COCO = {"motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch",
                    "pottedplant": "potted plant", "diningtable": "dining table", "tvmonitor": "tv"}
