@@ -27,6 +27,7 @@ from detectors.weights import ImportError_, build_imported_model, compose_run_co
 from detectors.weights.darknet_cfg import describe, float_count, parse_cfg
 from detectors.weights.darknet_layout import check_float_count, check_layout, expected_layers, load_weights_file
 from detectors.weights.darknet_names import data_for_names
+from detectors.weights.torchvision_ssd import coco_label_map
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,8 @@ def run_config_for(cfg_path: str | Path, names: list[str] | None,
         overrides.append("neck.reorg=darknet")
     run = compose_run_config(overrides)
     if data == "coco":  # predict.py writes COCO's ids without the annotation files (evaluate.py reads them there)
-        from detectors.weights.torchvision_ssd import coco_label_map
-
-        names, ids = coco_label_map(91)  # torchvision's COCO categories: a column is an id
-        run.category_ids = [ids[names.index(c)] for c in classes]
+        coco_names, coco_ids = coco_label_map(91)  # torchvision's COCO categories: a column is an id
+        run.category_ids = [coco_ids[coco_names.index(c)] for c in classes]
     return run, spec.model
 
 
