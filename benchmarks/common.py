@@ -73,3 +73,24 @@ def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, iters: int,
+                     device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each of ``steps``, timed in turns (one call of each per round, ``iters``
+    rounds after ``warmup``), so that a drift in the machine's pace (another VM on a shared host, the clock)
+    falls on every row alike instead of on whichever ran last: the side-by-side rows of a noisy 2-core CPU."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_ours, random_batch, step_parser, time_steps  # noqa: E402
+from common import build_ours, random_batch, step_parser, time_interleaved  # noqa: E402
 
 
 def ours_step(args, device):
@@ -109,10 +109,9 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = {"ours": time_steps(ours_step(args, device), args.warmup, args.iters, device)}
-    tv_full, tv_backbone = torchvision_steps(args, device)
-    rows["torchvision FasterRCNN"] = time_steps(tv_full, args.warmup, args.iters, device)
-    rows["VGG16 conv5_3 fwd+bwd (floor)"] = time_steps(tv_backbone, args.warmup, args.iters, device)
+    steps = {"ours": ours_step(args, device)}
+    steps["torchvision FasterRCNN"], steps["VGG16 conv5_3 fwd+bwd (floor)"] = torchvision_steps(args, device)
+    rows = time_interleaved(steps, args.warmup, args.iters, device)  # in turns: a drift hits every row alike
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nFaster R-CNN training step, VGG16 conv5_3, batch {args.batch}, {args.height}x{args.width}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}, {name}, torch {torch.__version__}")

@@ -5,7 +5,8 @@
 
 Rows: ours (forward, batched matching, loss, backward, SGD step), ours with torch.compile on the
 network (--compile: ``model.compile=true``), torchvision's full step, and torchvision's VGG16+extras backbone alone
-(forward + backward): the floor any SSD300 step sits on.
+(forward + backward): the floor any SSD300 step sits on. The rows are timed in turns, a step of each per round
+(``common.time_interleaved``): medians of ``--iters`` rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_ours, random_batch, step_parser, time_steps  # noqa: E402
+from common import build_ours, random_batch, step_parser, time_interleaved  # noqa: E402
 
 
 def ours_step(args, device, compile_net=False):
@@ -78,13 +79,11 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    rows = {}
-    rows["ours"] = time_steps(ours_step(args, device), args.warmup, args.iters, device)
+    steps = {"ours": ours_step(args, device)}
     if args.compile:
-        rows["ours (torch.compile)"] = time_steps(ours_step(args, device, True), args.warmup, args.iters, device)
-    tv_full, tv_backbone = torchvision_steps(args, device)
-    rows["torchvision ssd300_vgg16"] = time_steps(tv_full, args.warmup, args.iters, device)
-    rows["torchvision backbone fwd+bwd (floor)"] = time_steps(tv_backbone, args.warmup, args.iters, device)
+        steps["ours (torch.compile)"] = ours_step(args, device, True)
+    steps["torchvision ssd300_vgg16"], steps["torchvision backbone fwd+bwd (floor)"] = torchvision_steps(args, device)
+    rows = time_interleaved(steps, args.warmup, args.iters, device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nSSD300 training step, batch {args.batch}, {args.size}x{args.size}, "

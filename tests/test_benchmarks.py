@@ -181,3 +181,27 @@ def test_rcnn_throughput_times_ours_torchvision_and_the_floor(tmp_path, monkeypa
     assert ours_head.num_classes + 1 == theirs.roi_heads.box_predictor.cls_score.out_features == 4
     assert tuple(ours_head.anchors.sizes) == theirs.rpn.anchor_generator.sizes[0] == (128, 256, 512)
     assert ours_head.roi_head.fc6.out_features == theirs.roi_heads.box_head.fc6.out_features == 1024
+
+
+def test_interleaved_timing_takes_a_step_of_each_per_round_and_their_medians(monkeypatch):
+    """time_interleaved: warm-ups first, then rounds of one call of each step in turn (a drift in the machine's
+    pace falls on every row alike), each row the median of its own calls; on a fake clock that a step advances
+    by a cost of its own."""
+    import common
+
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def step(name, costs):
+        costs = iter(costs)
+
+        def run():
+            calls.append(name)
+            now[0] += next(costs)
+        return run
+
+    seconds = common.time_interleaved({"a": step("a", [9.0, 1.0, 3.0, 2.0]), "b": step("b", [7.0, 5.0, 4.0, 6.0])},
+                                      warmup=1, iters=3, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert seconds == {"a": 2.0, "b": 5.0}  # medians of (1, 3, 2) and (5, 4, 6); the warm-ups (9, 7) not counted
