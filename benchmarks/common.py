@@ -61,18 +61,7 @@ def random_batch(batch: int, size: int, num_classes: int, boxes_per_image: int, 
 
 def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
     """Median seconds per call of ``step`` after ``warmup`` calls (device-synchronised)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return time_interleaved({"step": step}, warmup, iters, device)["step"]
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, iters: int,
